@@ -1,0 +1,5 @@
+"""``python -m imgpipe`` runs the CLI."""
+
+from imgpipe.cli import main
+
+main()

@@ -1,0 +1,32 @@
+"""Every default setting of imgpipe, written once, each with what it is for."""
+
+# Broker and result store; a local Redis is what a first-time user has.
+REDIS_URL = "redis://localhost:6379/0"
+# Celery queue the producers send to and the workers consume.
+QUEUE = "imgpipe"
+# Device for inference: "auto" picks cuda:0 when a GPU is visible, else the CPU.
+DEVICE = "auto"
+# Images per inference batch.
+MAX_BATCH = 64
+# Longest a worker waits to fill a batch before running a partial one (milliseconds).
+MAX_WAIT_MS = 50
+# Threads that read and decode images (Pillow releases the GIL while decoding).
+DECODE_THREADS = 4
+# Paths per queue message sent by `imgpipe enqueue`.
+CHUNK_SIZE = 32
+# Largest image file a worker will read (bytes).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+# Largest decoded image (pixels); bigger headers are refused before decoding (decompression bombs).
+MAX_PIXELS = 64 * 1024 * 1024
+# Seconds before Redis redelivers a message a worker took but never acknowledged.
+VISIBILITY_TIMEOUT = 3600
+# Deliveries of one message before it is dead-lettered and its images reported failed.
+MAX_DELIVERIES = 3
+# Address the worker's /metrics endpoint binds to.
+METRICS_BIND = "0.0.0.0"
+# Labels returned per image.
+TOPK = 3
+# Days a job's records and counters are kept in Redis.
+RESULT_TTL_DAYS = 7
+# Extensions the producer treats as images (lower-case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

@@ -1,0 +1,186 @@
+"""The inference engine: load a model file once, decode images in a thread pool, batch, predict top-k."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imgpipe.errors import ConfigError, ImageError
+from imgpipe.records import Record, error_record, ok_record
+from imgpipe.safety import confine, read_bounded
+from imgpipe.settings import SecuritySettings
+from model import export
+from model.preprocess import Preset, decode_image, stack
+
+TopK = list[tuple[str, float]]
+
+
+def select_device(spec: str) -> torch.device:
+    """``auto`` (first GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; ConfigError if unavailable."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} requested but no CUDA GPU is visible; valid: auto, cpu")
+        index = 0 if spec == "cuda" else _gpu_index(spec)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device {spec!r}: this host has {count} GPU(s), cuda:0..cuda:{count - 1}")
+        return torch.device("cuda", index)
+    raise ConfigError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def _gpu_index(spec: str) -> int:
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ConfigError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N") from None
+
+
+@dataclass
+class Prediction:
+    topk: TopK
+
+    @property
+    def label(self) -> str:
+        return self.topk[0][0]
+
+
+class Engine:
+    """A loaded model plus everything needed to turn file paths into result records.
+
+    ``load_image`` (read + decode + preprocess, thread-safe) and ``predict`` (one batch) are the two
+    halves a caller can schedule separately; ``classify`` pipelines them for a sequence of paths.
+    """
+
+    def __init__(
+        self,
+        module: torch.jit.ScriptModule,
+        metadata: export.Metadata,
+        device: torch.device,
+        *,
+        topk: int = 3,
+        security: SecuritySettings | None = None,
+        amp: bool = True,
+    ) -> None:
+        self.module = module
+        self.metadata = metadata
+        self.device = device
+        self.topk = min(topk, len(metadata.labels))
+        self.security = security or SecuritySettings()
+        self.preset: Preset = metadata.preset
+        self.labels = metadata.labels
+        self._cuda = device.type == "cuda"
+        self._amp = amp and self._cuda
+        if self._cuda:
+            self.module = self.module.to(device, memory_format=torch.channels_last)
+        # JPEG DCT scaling: decode at >= this size instead of full resolution.
+        self._draft = max(1, round(self.preset.input_size / self.preset.crop_ratio))
+        self._warm_up()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        device: str = "auto",
+        *,
+        topk: int = 3,
+        security: SecuritySettings | None = None,
+    ) -> Engine:
+        dev = select_device(device)
+        module, metadata = export.load(Path(path), dev)
+        return cls(module, metadata, dev, topk=topk, security=security)
+
+    @property
+    def model_id(self) -> str:
+        return self.metadata.model_id
+
+    def _warm_up(self) -> None:
+        size = self.preset.input_size
+        dummy = torch.zeros(2, self.preset.channels, size, size)
+        for _ in range(2):  # the TorchScript profiling executor specialises on the first runs
+            self.predict(dummy)
+
+    def load_image(self, path: str) -> torch.Tensor:
+        """Read (confined to the allowed roots, size-bounded), decode and preprocess: (C, H, W)."""
+        resolved = confine(path, self.security.allowed_roots)
+        data = read_bounded(resolved, self.security.max_file_bytes)
+        image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
+        return self.preset.to_tensor(image)
+
+    def predict(self, batch: torch.Tensor) -> list[TopK]:
+        """(B, C, H, W) preprocessed CPU batch -> top-k (label, probability) per image."""
+        with torch.inference_mode():
+            if self._cuda:
+                x = batch.pin_memory().to(self.device, non_blocking=True)
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self._amp):
+                    logits = self.module(x)  # (B, num_classes)
+            else:
+                logits = self.module(batch)  # (B, num_classes)
+            probs = torch.softmax(logits.float(), dim=1)
+            values, indices = probs.topk(self.topk, dim=1)  # (B, k)
+            values, indices = values.cpu().tolist(), indices.cpu().tolist()
+        return [[(self.labels[i], p) for i, p in zip(idx, val)] for idx, val in zip(indices, values)]
+
+    def records_for(self, paths: Sequence[str], tensors: Sequence[torch.Tensor | ImageError]) -> list[Record]:
+        """One record per path: errors as error records, the rest predicted as one batch."""
+        good = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
+        predictions = self.predict(stack([tensors[i] for i in good])) if good else []  # type: ignore[misc]
+        by_index = dict(zip(good, predictions))
+        records = []
+        for i, path in enumerate(paths):
+            item = tensors[i]
+            if isinstance(item, ImageError):
+                records.append(error_record(path, item.message, self.model_id, item.reason))
+            else:
+                records.append(ok_record(path, by_index[i], self.model_id))
+        return records
+
+    def safe_load_image(self, path: str) -> torch.Tensor | ImageError:
+        """``load_image`` that returns the ImageError instead of raising it (any other failure too)."""
+        try:
+            return self.load_image(path)
+        except ImageError as exc:
+            return exc
+        except Exception as exc:  # a decoder bug must cost one record, not the run
+            return ImageError("internal", f"unexpected error while decoding: {exc.__class__.__name__}: {exc}")
+
+    def classify(
+        self,
+        paths: Iterable[str],
+        batch_size: int = 64,
+        decode_threads: int = 4,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[Record]:
+        """Records for ``paths`` in input order; the next batch decodes while the current one runs."""
+        window: deque[tuple[str, Future[torch.Tensor | ImageError]]] = deque()
+        ahead = 2 * batch_size
+        with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="imgpipe-decode") as pool:
+            source = iter(paths)
+            exhausted = False
+            while True:
+                while not exhausted and len(window) < ahead:
+                    try:
+                        path = os.path.abspath(next(source))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    window.append((path, pool.submit(self.safe_load_image, path)))
+                if not window:
+                    return
+                take = [window.popleft() for _ in range(min(batch_size, len(window)))]
+                batch_paths = [p for p, _ in take]
+                results = [f.result() for _, f in take]
+                yield from self.records_for(batch_paths, results)
+                if on_batch is not None:
+                    on_batch(len(take))

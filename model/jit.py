@@ -1,0 +1,48 @@
+"""The one place imgpipe touches the TorchScript API, and so the one place its deprecation is handled.
+
+torch 2.14 marks torch.jit.script/save/load/freeze deprecated (FutureWarning, "switch to torch.export").
+The serving format is still TorchScript, on purpose: one self-contained file, loadable without our Python
+classes, with extra files for metadata. The warning is silenced here, only for these calls and only for
+that message; everything else warns as usual. A ``torch.export`` format can be added next to this module:
+the model file's metadata carries ``format`` so the loader can dispatch on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "torchscript"
+
+
+@contextmanager
+def _deprecation_acknowledged() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.\w+` is deprecated")
+        yield
+
+
+def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    with _deprecation_acknowledged():
+        return torch.jit.script(module)
+
+
+def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    with _deprecation_acknowledged():
+        return torch.jit.freeze(module)
+
+
+def save(module: torch.jit.ScriptModule, path: Path, extra_files: dict[str, str]) -> None:
+    with _deprecation_acknowledged():
+        torch.jit.save(module, str(path), _extra_files=extra_files)
+
+
+def load(path: Path, extra_files: dict[str, Any], map_location: torch.device | str) -> torch.jit.ScriptModule:
+    """Load a TorchScript archive; ``extra_files`` maps names to fill in (values become bytes)."""
+    with _deprecation_acknowledged():
+        return torch.jit.load(str(path), map_location=map_location, _extra_files=extra_files)

@@ -1,0 +1,121 @@
+"""The preprocessing preset shared by training, evaluation and serving, and bounded image decoding.
+
+The preset's parameters are saved inside the exported model, so the three can never drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgpipe.errors import ImageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Decode mode, geometry and normalisation of the network input."""
+
+    input_size: int = 32  # network input is (channels, input_size, input_size)
+    channels: int = 1  # 1: grayscale ("L"), 3: RGB
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    crop_ratio: float = 1.0  # resize the short side to input_size / crop_ratio, then centre-crop
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if not 0 < self.crop_ratio <= 1:
+            raise ValueError("crop_ratio must be in (0, 1]")
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preset:
+        return cls(
+            input_size=int(data["input_size"]),
+            channels=int(data["channels"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            crop_ratio=float(data.get("crop_ratio", 1.0)),
+        )
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Short side to input_size / crop_ratio, then centre crop to a square of input_size."""
+        size = self.input_size
+        short = max(1, round(size / self.crop_ratio))
+        w, h = image.size
+        scale = short / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        if (new_w, new_h) != (size, size):
+            image = image.crop((left, top, left + size, top + size))
+        return image
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """Decoded PIL image -> normalised float tensor (C, H, W)."""
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        image = self.resize(image)
+        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())  # (C, H, W)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return (tensor - mean) / std
+
+
+def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", draft_size: int | None = None) -> Image.Image:
+    """Decode image bytes with Pillow, bounded: the pixel count is checked from the header before decoding.
+
+    ``draft_size`` lets JPEGs decode at a reduced scale (DCT scaling) when the target is much smaller.
+    Raises ImageError with a reason; never returns a half-decoded image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageError("decode", "cannot decode image: zero-sized image")
+            if width * height > max_pixels:
+                raise ImageError(
+                    "too_many_pixels",
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                )
+            if draft_size is not None and image.format == "JPEG":
+                image.draft(mode if mode in ("L", "RGB") else "RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            if image.mode != mode:
+                image = image.convert(mode)
+            return image
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_many_pixels", f"decompression bomb refused: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("decode", "cannot decode image: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("decode", f"cannot decode image: {exc}") from None
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """List of (C, H, W) tensors -> one (B, C, H, W) batch."""
+    return torch.stack(list(tensors), dim=0)
