@@ -22,6 +22,15 @@ MAX_PIXELS = 64 * 1024 * 1024
 VISIBILITY_TIMEOUT = 3600
 # Deliveries of one message before it is dead-lettered and its images reported failed.
 MAX_DELIVERIES = 3
+# Messages one worker process holds at once, per image of its batch: 2 lets one batch fill while one runs,
+# even when every message carries a single image (`imgpipe watch`).
+PREFETCH_PER_BATCH_IMAGE = 2
+# Fraction of the visibility timeout a message may take before the worker gives it back (task time limit).
+TASK_TIME_LIMIT_FRACTION = 0.8
+# Seconds a new file's size must stay unchanged before `imgpipe watch` sends it (when no close event says so).
+WATCH_SETTLE_MS = 500
+# Seconds between refreshes of `imgpipe status --watch` and `imgpipe enqueue --wait`.
+STATUS_REFRESH_S = 0.5
 # Address the worker's /metrics endpoint binds to.
 METRICS_BIND = "0.0.0.0"
 # Labels returned per image.

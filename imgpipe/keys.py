@@ -14,7 +14,8 @@ DEAD_LETTER = f"{PREFIX}:deadletter"
 
 
 def job(job_id: str) -> str:
-    """Hash: total, done, failed, created, finished, model, roots, sealed (1 once enqueueing is complete)."""
+    """Hash: total, done, failed, created, finished, model, roots, sealed (1 once enqueueing is complete),
+    kind ("batch" or "stream"), started and updated (epoch seconds of the first and latest record written)."""
     return f"{PREFIX}:job:{job_id}"
 
 
@@ -24,5 +25,5 @@ def job_results(job_id: str) -> str:
 
 
 def deliveries(message_id: str) -> str:
-    """Counter of how many times one message was started (for dead-lettering poison messages)."""
+    """Hash: count (times one message was started) and error (why the last start failed), for dead-lettering."""
     return f"{PREFIX}:deliveries:{message_id}"

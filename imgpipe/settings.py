@@ -41,6 +41,7 @@ class BatchSettings:
     max_wait_ms: int = defaults.MAX_WAIT_MS
     decode_threads: int = defaults.DECODE_THREADS
     chunk_size: int = defaults.CHUNK_SIZE
+    watch_settle_ms: int = defaults.WATCH_SETTLE_MS  # `imgpipe watch`: quiet time before a file is sent
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class MetricsSettings:
 class WorkerSettings:
     concurrency: int | None = None  # None: one process per GPU, or one per CPU host
     max_deliveries: int = defaults.MAX_DELIVERIES
+    prefetch: int | None = None  # messages held per process; None: PREFETCH_PER_BATCH_IMAGE x max_batch
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Settings:
                 max_wait_ms=get.int("MAX_WAIT_MS", defaults.MAX_WAIT_MS, minimum=0),
                 decode_threads=get.int("DECODE_THREADS", defaults.DECODE_THREADS, minimum=1),
                 chunk_size=get.int("CHUNK_SIZE", defaults.CHUNK_SIZE, minimum=1),
+                watch_settle_ms=get.int("WATCH_SETTLE_MS", defaults.WATCH_SETTLE_MS, minimum=0),
             ),
             security=SecuritySettings(
                 allowed_roots=get.roots("ALLOWED_ROOTS"),
@@ -107,6 +110,7 @@ class Settings:
             worker=WorkerSettings(
                 concurrency=get.optional_int("CONCURRENCY", minimum=1),
                 max_deliveries=get.int("MAX_DELIVERIES", defaults.MAX_DELIVERIES, minimum=1),
+                prefetch=get.optional_int("PREFETCH", minimum=1),
             ),
         )
 

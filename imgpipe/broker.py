@@ -1,0 +1,105 @@
+"""Celery broker configuration shared by producers and workers: JSON only, one queue, Redis transport options."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import redis
+from celery import Celery
+from kombu import Queue
+from kombu.utils.url import maybe_sanitize_url
+
+from imgpipe import defaults, keys
+from imgpipe.errors import ConfigError
+from imgpipe.settings import RedisSettings
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL with its password masked, for messages and logs."""
+    return str(maybe_sanitize_url(url))
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """TLS options of a ``rediss://`` URL, from the query string redis-py also reads; None for ``redis://``.
+
+    Certificates are verified unless the URL says ``ssl_cert_reqs=none``; ``ssl_ca_certs``, ``ssl_certfile``
+    and ``ssl_keyfile`` name a private CA and a client certificate.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parts.query))
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ConfigError(f"{safe_url(url)}: ssl_cert_reqs={reqs!r}; valid: {', '.join(_CERT_REQS)}")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            options[key] = query[key]
+    return options
+
+
+def redis_client(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
+    """A redis-py client for ``settings.url`` (passwords, ``rediss://`` and its ssl_* query options work).
+
+    With ``check``, one PING: a wrong URL, password or certificate is a ConfigError naming the (masked) URL.
+    """
+    try:
+        client = redis.Redis.from_url(settings.url, socket_connect_timeout=10, health_check_interval=30)
+    except ValueError as exc:
+        raise ConfigError(f"IMGPIPE_REDIS_URL {safe_url(settings.url)!r} is not a Redis URL: {exc}") from None
+    if check:
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as exc:
+            client.close()
+            raise ConfigError(f"cannot use Redis at {safe_url(settings.url)}: {exc}") from None
+    return client
+
+
+def transport_options(redis: RedisSettings) -> dict[str, Any]:
+    """kombu Redis transport options: the visibility timeout, and a sweep for abandoned messages to match it."""
+    timeout = redis.visibility_timeout
+    return {
+        "visibility_timeout": timeout,
+        # kombu looks for messages of dead workers every interval x throttle seconds (100 s by default);
+        # scan a few times per visibility timeout instead, so they come back soon after it expires.
+        "unacked_restore_interval": max(1, min(10, timeout // 3)),
+        "unacked_restore_throttle": 1,
+    }
+
+
+def task_time_limit(redis: RedisSettings) -> float:
+    """Seconds one message may take: below the visibility timeout, so Redis never redelivers a live message."""
+    return max(1.0, redis.visibility_timeout * defaults.TASK_TIME_LIMIT_FRACTION)
+
+
+def celery_config(redis: RedisSettings) -> dict[str, Any]:
+    """The settings both sides must agree on; workers add theirs in ``worker/app.py``."""
+    return {
+        "broker_url": redis.url,
+        "broker_use_ssl": ssl_options(redis.url),
+        "broker_transport_options": transport_options(redis),
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickle message is refused before it is decoded (pickle can run code).
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        # Records go to the job's Redis hash, so Celery keeps no results.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_default_queue": redis.queue,
+        "task_queues": [Queue(redis.queue, routing_key=redis.queue)],
+        "task_routes": {keys.TASK_CLASSIFY: {"queue": redis.queue, "routing_key": redis.queue}},
+    }
+
+
+def make_celery(main: str, redis: RedisSettings) -> Celery:
+    """A Celery app for ``redis``; it registers no tasks and imports nothing of the worker."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(redis))
+    return app

@@ -1,0 +1,249 @@
+"""CLI commands of the model side: demo-data, train, evaluate, classify (the embedded default) and bench."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from imgpipe.errors import ConfigError
+from imgpipe.records import RecordWriter, format_for
+from imgpipe.settings import Settings
+
+from model.data import iter_images
+
+ENV_NOTE = "Environment: IMGPIPE_MODEL, IMGPIPE_DEVICE, IMGPIPE_MAX_BATCH, IMGPIPE_DECODE_THREADS, IMGPIPE_TOPK."
+
+
+def _engine(model: Path | None, device: str | None, topk: int | None, settings: Settings) -> Any:
+    from model.engine import Engine
+
+    path = model or settings.model.resolved_path()
+    return Engine.load(path, device or settings.model.device, topk=topk or settings.model.topk,
+                       security=settings.security)
+
+
+def expand_paths(inputs: tuple[str, ...]) -> Iterator[str]:
+    """Files as given (whatever their extension); folders scanned recursively for image files."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for found in iter_images(path):
+                yield str(found.absolute())
+        else:
+            yield str(path.absolute())  # missing files still get their one (error) record
+
+
+@click.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--val-fraction", default=0.2, show_default=True, help="Share of each class held out for val/.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the stratified split.")
+def demo_data(out: Path, val_fraction: float, seed: int) -> None:
+    """Write the offline demo dataset into OUT/train/<digit>/ and OUT/val/<digit>/.
+
+    The data are the 1,797 real handwritten digits (8x8 scans from UCI) that scikit-learn ships inside
+    its package: nothing is downloaded.
+    """
+    from model.data import write_demo_dataset
+
+    if not 0 < val_fraction < 1:
+        raise ConfigError("--val-fraction must be between 0 and 1")
+    counts = write_demo_dataset(out, val_fraction=val_fraction, seed=seed)
+    click.echo(f"wrote {counts['train']} training and {counts['val']} validation images to {out}/", err=True)
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Model file to write (TorchScript with metadata). A report is written next to it.")
+@click.option("--arch", default="convnet", show_default=True,
+              type=click.Choice(["convnet", "resnet18", "mobilenet_v3_small"]), help="Network architecture.")
+@click.option("--widths", default="32,64,128", show_default=True,
+              help="convnet: channels of each conv block (one max-pool per block).")
+@click.option("--convs-per-block", default=2, show_default=True, help="convnet: conv layers per block.")
+@click.option("--input-size", default=32, show_default=True, help="Network input is SIZE x SIZE.")
+@click.option("--channels", type=click.Choice(["auto", "1", "3"]), default="auto", show_default=True,
+              help="1 grayscale, 3 RGB; auto looks at the training images.")
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (one-cycle schedule, AdamW).")
+@click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--name", default=None, help="Model name in records (default: the output file's stem).")
+def train(data: Path, out: Path, arch: str, widths: str, convs_per_block: int, input_size: int, channels: str,
+          epochs: int, batch_size: int, lr: float, hflip: bool, seed: int, device: str, name: str | None) -> None:
+    """Train the CNN on DATA/train/<label>/ and DATA/val/<label>/ (torchvision ImageFolder layout).
+
+    Keeps the epoch with the best validation accuracy and writes MODEL plus MODEL-stem.report.json,
+    .confusion.png and .curves.png next to it.
+    """
+    from model.train import Augment, TrainConfig
+    from model.train import train as run_training
+
+    try:
+        width_tuple = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise ConfigError(f"--widths {widths!r}: expected comma-separated integers like 32,64,128") from None
+    config = TrainConfig(arch=arch, widths=width_tuple, convs_per_block=convs_per_block, input_size=input_size,
+                         channels=None if channels == "auto" else int(channels), epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, device=device, augment=Augment(hflip=hflip))
+    result = run_training(data, out, config, name=name, progress=sys.stderr.isatty())
+    click.echo(result.evaluation.summary(), err=True)
+    click.echo(f"best epoch {result.best_epoch}/{epochs}: val accuracy {result.evaluation.accuracy:.4f}", err=True)
+    click.echo(f"model {result.metadata.model_id} written to {out}", err=True)
+    for path in result.files[1:]:
+        click.echo(f"report: {path}", err=True)
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--report", "prefix", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write PREFIX.report.json and PREFIX.confusion.png (default: MODEL-stem.eval in this folder).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
+def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | None, batch_size: int | None) -> None:
+    """Evaluate MODEL on DATA/<label>/ images (or DATA/val/<label>/) through the serving path.
+
+    Prints accuracy and per-class precision/recall, and writes a confusion-matrix PNG.
+    """
+    import torch
+
+    from model.data import find_classes
+    from model.evaluate import confusion_stats, write_report
+
+    settings = Settings.from_env()
+    engine = _engine(model_path, device, None, settings)
+    root = data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} \
+        else data
+    classes = find_classes(root)
+    unknown = sorted(set(classes) - set(engine.labels))
+    if unknown:
+        raise ConfigError(f"{root} has folders that are not labels of the model: {', '.join(unknown)}")
+    index = {label: i for i, label in enumerate(engine.labels)}
+    paths = [str(p.absolute()) for c in classes for p in iter_images(root / c)]
+    targets, predictions, failed = [], [], 0
+    for record in engine.classify(paths, batch_size=batch_size or settings.batch.max_batch,
+                                  decode_threads=settings.batch.decode_threads):
+        if record["status"] != "ok":
+            failed += 1
+            continue
+        targets.append(index[Path(record["path"]).parent.name])
+        predictions.append(index[record["label"]])
+    result = confusion_stats(torch.tensor(targets), torch.tensor(predictions), list(engine.labels))
+    prefix = prefix or Path(model_path.stem + ".eval")
+    files = write_report(result, prefix, {"model": engine.model_id, "data": str(root), "failed": failed})
+    click.echo(f"model {engine.model_id} on {root}", err=True)
+    click.echo(result.summary())
+    if failed:
+        click.echo(f"{failed} image(s) could not be read and were left out", err=True)
+    for path in files:
+        click.echo(f"report: {path}", err=True)
+
+
+@click.command(epilog=ENV_NOTE)
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write records to FILE (.jsonl or .csv); stdout when omitted.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="Record format (default: from the output file's extension, JSONL on stdout).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Model file [env IMGPIPE_MODEL; default: the bundled demo digits CNN].")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env IMGPIPE_DEVICE; default auto].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per inference batch [env IMGPIPE_MAX_BATCH; default 64].")
+@click.option("--topk", type=click.IntRange(min=1), default=None, help="Labels per record [env IMGPIPE_TOPK].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def classify(paths: tuple[str, ...], output: Path | None, fmt: str | None, model_path: Path | None,
+             device: str | None, batch_size: int | None, topk: int | None, progress: bool | None) -> None:
+    """Classify image files and folders in-process (no Redis): the embedded default.
+
+    Folders are scanned recursively for image files. One record per input: label, score and top-k,
+    or the error that stopped it. A summary goes to stderr; exit code 1 if any image failed.
+    """
+    from tqdm import tqdm
+
+    settings = Settings.from_env()
+    fmt = format_for(output, fmt)
+    engine = _engine(model_path, device, topk, settings)
+    inputs = list(expand_paths(paths))
+    batch = batch_size or settings.batch.max_batch
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=len(inputs), unit="img", desc="classify", disable=not show, file=sys.stderr)
+    stream: IO[str] = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    stats = Summary(engine.labels)
+    start = time.perf_counter()
+    try:
+        writer = RecordWriter(stream, fmt)
+        for record in engine.classify(inputs, batch_size=batch, decode_threads=settings.batch.decode_threads,
+                                      on_batch=bar.update):
+            writer.write(record)
+            stats.add(record)
+    finally:
+        bar.close()
+        if output:
+            stream.close()
+    elapsed = time.perf_counter() - start
+    click.echo(stats.line(elapsed, engine.model_id, engine.device, output), err=True)
+    if stats.failed:
+        sys.exit(1)
+
+
+class Summary:
+    """Counts for the closing line of `classify`: totals, rate, accuracy where the folder names the label."""
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = set(labels)
+        self.ok = self.failed = self.known = self.correct = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["status"] != "ok":
+            self.failed += 1
+            return
+        self.ok += 1
+        truth = Path(record["path"]).parent.name
+        if truth in self.labels:
+            self.known += 1
+            self.correct += record["label"] == truth
+
+    def line(self, elapsed: float, model: str, device: Any, output: Path | None) -> str:
+        total = self.ok + self.failed
+        text = (f"classified {total} images ({self.ok} ok, {self.failed} failed) in {elapsed:.2f}s, "
+                f"{total / max(elapsed, 1e-9):.0f} images/s on {device} with {model}")
+        if self.known:
+            text += (f"; accuracy {self.correct / self.known:.2%} on {self.known} images whose folder names "
+                     "their label")
+        if output:
+            text += f"; records in {output}"
+        return text
+
+
+@click.command()
+@click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--images", default=2000, show_default=True, help="Images per measurement (inputs repeat to fill).")
+@click.option("--batch-size", default=64, show_default=True, help="imgpipe engine batch size.")
+@click.option("--decode-threads", default=None, type=int, help="imgpipe engine decode threads [default 4].")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Model file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--repeat", default=3, show_default=True, help="Runs per variant; the median counts.")
+def bench(data: Path | None, images: int, batch_size: int, decode_threads: int | None, model_path: Path | None,
+          device: str, repeat: int) -> None:
+    """Benchmark the engine against a one-image-at-a-time baseline, in one run, as a ratio.
+
+    DATA defaults to the demo validation images (generated in a temp folder).
+    """
+    from model.bench import run_bench
+
+    settings = Settings.from_env()
+    if decode_threads:
+        settings = settings.with_section(batch=replace(settings.batch, decode_threads=decode_threads))
+    engine = _engine(model_path, device, None, settings)
+    report = run_bench(engine, data, images=images, batch_size=batch_size,
+                       decode_threads=settings.batch.decode_threads, repeat=repeat)
+    click.echo(report)
