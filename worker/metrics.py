@@ -37,7 +37,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from imgpipe import __version__
-from imgpipe.errors import ConfigError
+from imgpipe.errors import ConfigError, ImageError
 from imgpipe.settings import MetricsSettings
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,8 @@ class LiveMultiProcessCollector(MultiProcessCollector):
     """
 
     def __init__(self, registry: CollectorRegistry, path: str) -> None:
-        super().__init__(registry, path)
         self.path = path
+        super().__init__(registry, path)
 
     def collect(self) -> Iterable[Metric]:
         for pid in _pids_with_files(self.path, "gauge_live*_*.db"):
@@ -246,6 +246,16 @@ def multiprocess_dir() -> str | None:
     return path
 
 
+def initialise_series() -> None:
+    """Create every labelled worker series at 0, so that rate() sees the first images and panels show zeros."""
+    for status in STATUSES:
+        IMAGES.labels(status=status)
+    for stage in STAGES:
+        STAGE_SECONDS.labels(stage=stage)
+    for reason in ImageError.REASONS:
+        ERRORS.labels(reason=reason)
+
+
 def remove_stale_files(path: str) -> int:
     """Delete metric files of processes that no longer exist (a previous run's); returns how many.
 
@@ -278,7 +288,7 @@ def build_registry(
     only ``collectors`` and this process's resource usage. ``collectors`` are added in both cases
     (e.g. worker.exporter.RedisCollector).
     """
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry()
     path = multiprocess_dir() if worker else None
     if not worker:
         ProcessCollector(registry=registry)
@@ -287,6 +297,8 @@ def build_registry(
         LiveMultiProcessCollector(registry, path)
     else:
         registry.register(_DefaultRegistry())
+    if worker:
+        initialise_series()
     for collector in collectors:
         registry.register(collector)
     if worker:
@@ -345,4 +357,15 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but not been reaped by its parent yet (Linux; False where /proc is absent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    # Format: "pid (comm) state ...": comm may contain spaces or parentheses, so split at the last ')'.
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
