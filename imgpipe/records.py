@@ -13,7 +13,7 @@ from imgpipe.errors import ConfigError
 Record = dict[str, Any]
 
 FORMATS = ("jsonl", "csv")
-CSV_FIELDS = ("path", "status", "label", "score", "topk", "error", "model")
+CSV_FIELDS = ("path", "status", "label", "score", "topk", "error", "reason", "model")
 
 
 def ok_record(path: str, topk: Sequence[tuple[str, float]], model: str) -> Record:

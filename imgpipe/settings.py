@@ -81,35 +81,35 @@ class Settings:
         get = _Reader(env)
         return cls(
             redis=RedisSettings(
-                url=get.str("REDIS_URL", defaults.REDIS_URL),
-                queue=get.str("QUEUE", defaults.QUEUE),
-                visibility_timeout=get.int("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT, minimum=1),
-                result_ttl_days=get.int("RESULT_TTL_DAYS", defaults.RESULT_TTL_DAYS, minimum=1),
+                url=get.text("REDIS_URL", defaults.REDIS_URL),
+                queue=get.text("QUEUE", defaults.QUEUE),
+                visibility_timeout=get.integer("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT, minimum=1),
+                result_ttl_days=get.integer("RESULT_TTL_DAYS", defaults.RESULT_TTL_DAYS, minimum=1),
             ),
             model=ModelSettings(
                 path=get.path("MODEL"),
-                device=get.str("DEVICE", defaults.DEVICE),
-                topk=get.int("TOPK", defaults.TOPK, minimum=1),
+                device=get.text("DEVICE", defaults.DEVICE),
+                topk=get.integer("TOPK", defaults.TOPK, minimum=1),
             ),
             batch=BatchSettings(
-                max_batch=get.int("MAX_BATCH", defaults.MAX_BATCH, minimum=1),
-                max_wait_ms=get.int("MAX_WAIT_MS", defaults.MAX_WAIT_MS, minimum=0),
-                decode_threads=get.int("DECODE_THREADS", defaults.DECODE_THREADS, minimum=1),
-                chunk_size=get.int("CHUNK_SIZE", defaults.CHUNK_SIZE, minimum=1),
-                watch_settle_ms=get.int("WATCH_SETTLE_MS", defaults.WATCH_SETTLE_MS, minimum=0),
+                max_batch=get.integer("MAX_BATCH", defaults.MAX_BATCH, minimum=1),
+                max_wait_ms=get.integer("MAX_WAIT_MS", defaults.MAX_WAIT_MS, minimum=0),
+                decode_threads=get.integer("DECODE_THREADS", defaults.DECODE_THREADS, minimum=1),
+                chunk_size=get.integer("CHUNK_SIZE", defaults.CHUNK_SIZE, minimum=1),
+                watch_settle_ms=get.integer("WATCH_SETTLE_MS", defaults.WATCH_SETTLE_MS, minimum=0),
             ),
             security=SecuritySettings(
                 allowed_roots=get.roots("ALLOWED_ROOTS"),
-                max_file_bytes=get.int("MAX_FILE_BYTES", defaults.MAX_FILE_BYTES, minimum=1),
-                max_pixels=get.int("MAX_PIXELS", defaults.MAX_PIXELS, minimum=1),
+                max_file_bytes=get.integer("MAX_FILE_BYTES", defaults.MAX_FILE_BYTES, minimum=1),
+                max_pixels=get.integer("MAX_PIXELS", defaults.MAX_PIXELS, minimum=1),
             ),
             metrics=MetricsSettings(
                 port=get.optional_int("METRICS_PORT", minimum=0),
-                bind=get.str("METRICS_BIND", defaults.METRICS_BIND),
+                bind=get.text("METRICS_BIND", defaults.METRICS_BIND),
             ),
             worker=WorkerSettings(
                 concurrency=get.optional_int("CONCURRENCY", minimum=1),
-                max_deliveries=get.int("MAX_DELIVERIES", defaults.MAX_DELIVERIES, minimum=1),
+                max_deliveries=get.integer("MAX_DELIVERIES", defaults.MAX_DELIVERIES, minimum=1),
                 prefetch=get.optional_int("PREFETCH", minimum=1),
             ),
         )
@@ -134,7 +134,7 @@ class _Reader:
         value = self._env.get(ENV_PREFIX + name)
         return value if value not in (None, "") else None
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         value = self._raw(name)
         return default if value is None else value
 
@@ -150,7 +150,7 @@ class _Reader:
             raise ConfigError(f"{ENV_PREFIX}{name}={number} must be >= {minimum}")
         return number
 
-    def int(self, name: str, default: int, minimum: int) -> int:
+    def integer(self, name: str, default: int, minimum: int) -> int:
         value = self.optional_int(name, minimum)
         return default if value is None else value
 

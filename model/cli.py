@@ -14,7 +14,6 @@ import click
 from imgpipe.errors import ConfigError
 from imgpipe.records import RecordWriter, format_for
 from imgpipe.settings import Settings
-
 from model.data import iter_images
 
 ENV_NOTE = "Environment: IMGPIPE_MODEL, IMGPIPE_DEVICE, IMGPIPE_MAX_BATCH, IMGPIPE_DECODE_THREADS, IMGPIPE_TOPK."

@@ -32,7 +32,7 @@ def write_demo_dataset(out: Path, val_fraction: float = 0.2, seed: int = 0) -> d
     indices = np.arange(len(labels))
     train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=labels)
     counts = {}
-    for split, split_idx in zip(SPLITS, (train_idx, val_idx)):
+    for split, split_idx in zip(SPLITS, (train_idx, val_idx), strict=True):
         for i in split_idx:
             folder = out / split / str(int(labels[i]))
             folder.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ class Engine:
         self._cuda = device.type == "cuda"
         self._amp = amp and self._cuda
         if self._cuda:
-            self.module = self.module.to(device, memory_format=torch.channels_last)
+            self.module = self.module.to(device).to(memory_format=torch.channels_last)
         # JPEG DCT scaling: decode at >= this size instead of full resolution.
         self._draft = max(1, round(self.preset.input_size / self.preset.crop_ratio))
         self._warm_up()
@@ -128,15 +128,17 @@ class Engine:
             else:
                 logits = self.module(batch)  # (B, num_classes)
             probs = torch.softmax(logits.float(), dim=1)
-            values, indices = probs.topk(self.topk, dim=1)  # (B, k)
-            values, indices = values.cpu().tolist(), indices.cpu().tolist()
-        return [[(self.labels[i], p) for i, p in zip(idx, val)] for idx, val in zip(indices, values)]
+            top_p, top_i = probs.topk(self.topk, dim=1)  # (B, k)
+            values: list[list[float]] = top_p.cpu().tolist()
+            indices: list[list[int]] = top_i.cpu().tolist()
+        return [[(self.labels[i], p) for i, p in zip(idx, val, strict=True)]
+                for idx, val in zip(indices, values, strict=True)]
 
     def records_for(self, paths: Sequence[str], tensors: Sequence[torch.Tensor | ImageError]) -> list[Record]:
         """One record per path: errors as error records, the rest predicted as one batch."""
         good = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
         predictions = self.predict(stack([tensors[i] for i in good])) if good else []  # type: ignore[misc]
-        by_index = dict(zip(good, predictions))
+        by_index = dict(zip(good, predictions, strict=True))
         records = []
         for i, path in enumerate(paths):
             item = tensors[i]

@@ -30,7 +30,7 @@ class Evaluation:
         loss = "" if math.isnan(self.loss) else f" (loss {self.loss:.4f})"
         lines = [f"accuracy {self.accuracy:.4f} on {self.count} images{loss}",
                  f"{'class':>12} {'precision':>9} {'recall':>7}"]
-        for name, p, r in zip(self.classes, self.precision, self.recall):
+        for name, p, r in zip(self.classes, self.precision, self.recall, strict=True):
             lines.append(f"{name:>12} {p:9.4f} {r:7.4f}")
         return "\n".join(lines)
 

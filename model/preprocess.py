@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from imgpipe.errors import ImageError
 
@@ -90,7 +90,7 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", draft_size: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise ImageError("decode", "cannot decode image: zero-sized image")
@@ -99,7 +99,7 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", draft_size: in
                     "too_many_pixels",
                     f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                 )
-            if draft_size is not None and image.format == "JPEG":
+            if draft_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 image.draft(mode if mode in ("L", "RGB") else "RGB", (draft_size, draft_size))
             image.load()
             image = ImageOps.exif_transpose(image) or image

@@ -175,7 +175,8 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
         if (val.accuracy, -val.loss) > (best[0], -best[1]):
             best, best_epoch, best_eval = (val.accuracy, val.loss), epoch, val
             best_state = copy.deepcopy(net.state_dict())
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val.accuracy:.4f}", best=f"{best[0]:.4f}@{best_epoch}")
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val.accuracy:.4f}",
+                        best=f"{best[0]:.4f}@{best_epoch}")
     bar.close()
     assert best_eval is not None
 

@@ -1,0 +1,162 @@
+"""The CNN, its TorchScript export (metadata, checks, parity with eager) and the engine on mixed files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgpipe.errors import ConfigError, ImageError, ModelFileError
+from imgpipe.settings import SecuritySettings
+from model import export, jit
+from model.engine import Engine, select_device
+from model.net import ConvNet, build_model
+from model.preprocess import Preset
+from tests.images import write_bad, write_bomb, write_good
+
+LABELS = [str(i) for i in range(10)]
+
+
+def small_net(seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    net = ConvNet(10, in_channels=1, widths=(8, 16), convs_per_block=1)
+    # Non-trivial batch-norm statistics so eval-mode parity is a real check.
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def export_small(path: Path, net: ConvNet | None = None) -> export.Metadata:
+    return export.export(
+        net or small_net(), path, name="small", arch="convnet",
+        arch_config={"widths": [8, 16], "convs_per_block": 1}, labels=LABELS,
+        preset=Preset(input_size=16, channels=1, mean=(0.3,), std=(0.4,)), val_accuracy=0.5,
+    )
+
+
+def test_convnet_halves_resolution_per_block_and_builds_torchvision_archs() -> None:
+    net = ConvNet(5, in_channels=3, widths=(4, 8, 16))
+    assert net.features(torch.zeros(2, 3, 32, 32)).shape == (2, 16, 4, 4)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    resnet = build_model("resnet18", 7, 3)
+    assert resnet(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(ValueError, match="valid: convnet, resnet18, mobilenet_v3_small"):
+        build_model("vgg", 3, 3)
+
+
+def test_export_load_round_trip_keeps_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    written = export_small(path)
+    _, metadata = export.load(path)
+    assert metadata.labels == tuple(LABELS) and metadata.preset == written.preset
+    assert metadata.sha256 == written.sha256 == export.weights_sha256(small_net())
+    assert metadata.model_id == f"small@{written.sha256[:12]}"
+    assert metadata.torch_version == torch.__version__ and metadata.val_accuracy == 0.5
+    assert metadata.arch == "convnet"
+
+
+def test_exported_model_matches_eager_model_on_fixed_inputs(tmp_path: Path) -> None:
+    """Parity: the TorchScript file computes what the eager network computes."""
+    net = small_net(seed=3)
+    path = tmp_path / "m.pt"
+    export_small(path, net)
+    module, _ = export.load(path)
+    inputs = torch.linspace(-2, 2, 4 * 16 * 16).reshape(4, 1, 16, 16)  # (B, C, H, W), fixed
+    with torch.inference_mode():
+        eager, scripted = net(inputs), module(inputs)
+    assert torch.allclose(eager, scripted, atol=1e-5), (eager - scripted).abs().max()
+    assert scripted.argmax(1).tolist() == eager.argmax(1).tolist()
+
+
+def test_load_refuses_pickles_state_dicts_and_tampering(tmp_path: Path) -> None:
+    pickled = tmp_path / "evil.pt"
+    pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(ModelFileError, match="raw pickle"):
+        export.load(pickled)
+    state = tmp_path / "state.pt"
+    torch.save(small_net().state_dict(), state)
+    with pytest.raises(ModelFileError, match="state dict"):
+        export.load(state)
+    with pytest.raises(ModelFileError, match="not found"):
+        export.load(tmp_path / "absent.pt")
+
+    bare = tmp_path / "bare.pt"
+    jit.save(jit.script(small_net()), bare, {})
+    with pytest.raises(ModelFileError, match="without imgpipe metadata"):
+        export.load(bare)
+
+    good = tmp_path / "good.pt"
+    meta = export_small(good)
+    forged = json.loads(meta.to_json())
+    forged["sha256"] = "0" * 64
+    tampered = tmp_path / "tampered.pt"
+    jit.save(jit.script(small_net()), tampered, {export.METADATA_FILE: json.dumps(forged)})
+    with pytest.raises(ModelFileError, match="does not match metadata"):
+        export.load(tampered)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ModelFileError):
+        export.load(truncated)
+    assert zipfile.is_zipfile(good)
+
+
+def test_model_file_error_is_a_config_error() -> None:
+    assert issubclass(ModelFileError, ConfigError)  # so the CLI exits 2 with one line
+
+
+def test_select_device_explains_choices() -> None:
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            select_device("cuda:0")
+
+
+def test_engine_classifies_good_files_and_reports_each_bad_one(tmp_path: Path, default_model: Path) -> None:
+    good = write_good(tmp_path / "good", 10)
+    bad = write_bad(tmp_path / "bad")
+    bomb = write_bomb(tmp_path / "bad" / "bomb.png", side=3000)
+    big = tmp_path / "bad" / "big.png"
+    big.write_bytes(good[0].read_bytes() + b"\0" * 60_000)
+    engine = Engine.load(default_model, "cpu", security=SecuritySettings(max_file_bytes=50_000, max_pixels=1_000_000))
+    inputs = [str(p) for p in good[:5]] + [str(p) for p in bad.values()] + [str(bomb), str(big)] + \
+        [str(p) for p in good[5:]]
+    records = list(engine.classify(inputs, batch_size=4, decode_threads=3))
+    assert [r["path"] for r in records] == inputs  # one record per input, in order
+    by_path = {r["path"]: r for r in records}
+    for path in good:
+        record = by_path[str(path)]
+        assert record["status"] == "ok" and record["label"] in LABELS
+        assert record["topk"][0] == [record["label"], record["score"]] and len(record["topk"]) == 3
+        assert record["model"] == engine.model_id
+    expected = {"truncated": "decode", "corrupt": "decode", "empty": "empty", "not_image": "decode",
+                "directory": "not_regular", "missing": "not_found"}
+    for kind, reason in expected.items():
+        record = by_path[str(bad[kind])]
+        assert record["status"] == "error" and record["reason"] == reason, (kind, record)
+        assert record["error"]
+    assert by_path[str(bomb)]["reason"] == "too_many_pixels"
+    assert by_path[str(big)]["reason"] == "too_large"
+
+
+def test_engine_batches_match_single_predictions(default_model: Path, demo_data: Path) -> None:
+    engine = Engine.load(default_model, "cpu")
+    paths = sorted(str(p) for p in (demo_data / "val").rglob("*.png"))[:20]
+    batched = [r["label"] for r in engine.classify(paths, batch_size=8)]
+    single = [engine.predict(engine.load_image(p).unsqueeze(0))[0][0][0] for p in paths]
+    assert batched == single
+
+
+def test_image_error_reasons_are_bounded() -> None:
+    with pytest.raises(ValueError, match="unknown image error reason"):
+        ImageError("/etc/passwd", "paths are not reasons")

@@ -1,0 +1,158 @@
+"""Unit tests of the pure pieces: preset, bounded decoding, confined reading, settings, records."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from imgpipe.errors import ConfigError, ImageError
+from imgpipe.records import RecordWriter, error_record, format_for, ok_record, read_records
+from imgpipe.safety import confine, read_bounded
+from imgpipe.settings import Settings
+from model.preprocess import Preset, decode_image
+from tests.images import write_bad, write_bomb
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_preset_shapes_and_normalisation() -> None:
+    preset = Preset(input_size=16, channels=1, mean=(0.5,), std=(0.25,))
+    white = Image.new("L", (8, 8), 255)
+    tensor = preset.to_tensor(white)
+    assert tensor.shape == (1, 16, 16)
+    assert torch.allclose(tensor, torch.full_like(tensor, (1.0 - 0.5) / 0.25))
+
+
+def test_preset_rgb_centre_crop_keeps_the_middle() -> None:
+    preset = Preset(input_size=4, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    image = Image.new("RGB", (12, 4), (0, 0, 0))
+    image.paste((255, 0, 0), (4, 0, 8, 4))  # red square in the middle third
+    tensor = preset.to_tensor(image)  # short side 4 -> crop the middle 4x4
+    assert tensor.shape == (3, 4, 4)
+    assert torch.allclose(tensor[0], torch.ones(4, 4)) and float(tensor[1:].abs().max()) == 0.0
+
+
+def test_preset_round_trips_through_dict() -> None:
+    preset = Preset(input_size=24, channels=3, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), crop_ratio=0.875)
+    assert Preset.from_dict(preset.to_dict()) == preset
+
+
+def test_preset_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="channels"):
+        Preset(channels=2, mean=(0, 0), std=(1, 1))
+    with pytest.raises(ValueError, match="one value per channel"):
+        Preset(channels=3, mean=(0.5,), std=(0.5,))
+
+
+def test_decode_converts_mode_and_refuses_pixel_bombs(tmp_path: Path) -> None:
+    rgb = decode_image(png_bytes(Image.new("L", (10, 6), 7)), max_pixels=1000, mode="RGB")
+    assert rgb.mode == "RGB" and rgb.size == (10, 6)
+    bomb = write_bomb(tmp_path / "bomb.png", side=2000).read_bytes()
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError) as info:
+        decode_image(bomb, max_pixels=1_000_000)
+    assert info.value.reason == "too_many_pixels"
+
+
+def test_decode_jpeg_draft_mode_reduces_work() -> None:
+    big = png_bytes(Image.new("RGB", (800, 800), (10, 200, 30)), fmt="JPEG")
+    image = decode_image(big, max_pixels=10**7, mode="RGB", draft_size=64)
+    assert max(image.size) < 800  # decoded at a DCT-reduced scale
+    assert min(image.size) >= 64
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "message"),
+    [
+        ("truncated", "decode", "cannot decode image"),
+        ("corrupt", "decode", "cannot decode image"),
+        ("not_image", "decode", "not a recognised image format"),
+    ],
+)
+def test_decode_errors_name_the_problem(tmp_path: Path, kind: str, reason: str, message: str) -> None:
+    data = write_bad(tmp_path)[kind].read_bytes()
+    with pytest.raises(ImageError) as info:
+        decode_image(data, max_pixels=10**7)
+    assert info.value.reason == reason and message in info.value.message
+
+
+def test_read_bounded_refuses_empty_directories_and_big_files(tmp_path: Path) -> None:
+    bad = write_bad(tmp_path)
+    for kind, reason in (("empty", "empty"), ("directory", "not_regular"), ("missing", "not_found")):
+        with pytest.raises(ImageError) as info:
+            read_bounded(bad[kind], max_bytes=1000)
+        assert info.value.reason == reason, kind
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 2000)
+    with pytest.raises(ImageError) as info:
+        read_bounded(big, max_bytes=1000)
+    assert info.value.reason == "too_large"
+
+
+def test_read_bounded_refuses_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError) as info:
+        read_bounded(fifo, max_bytes=1000)  # must not block waiting for a writer
+    assert info.value.reason == "not_regular"
+
+
+def test_confine_refuses_symlinks_and_dotdot_out_of_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"outside")
+    (root / "link.png").symlink_to(secret)
+    inside = root / "ok.png"
+    inside.write_bytes(b"inside")
+    assert confine(str(inside), (root.resolve(),)) == inside.resolve()
+    for path in (root / "link.png", root / ".." / "secret.png"):
+        with pytest.raises(ImageError) as info:
+            confine(str(path), (root.resolve(),))
+        assert info.value.reason == "not_allowed"
+    with pytest.raises(ImageError, match="absolute"):
+        confine("relative.png", (root.resolve(),))
+    assert confine(str(secret), ()) == secret.resolve()  # no roots: unrestricted (embedded classify)
+
+
+def test_settings_from_env_parses_and_rejects(tmp_path: Path) -> None:
+    settings = Settings.from_env({
+        "IMGPIPE_REDIS_URL": "rediss://:secret@localhost:6380/2",
+        "IMGPIPE_MAX_BATCH": "8",
+        "IMGPIPE_ALLOWED_ROOTS": f"{tmp_path}:{tmp_path}",
+        "IMGPIPE_METRICS_PORT": "9100",
+    })
+    assert settings.redis.url.startswith("rediss://") and settings.batch.max_batch == 8
+    assert settings.security.allowed_roots == (tmp_path.resolve(), tmp_path.resolve())
+    assert settings.metrics.port == 9100 and settings.metrics.bind == "0.0.0.0"
+    assert Settings.from_env({}).model.device == "auto"
+    with pytest.raises(ConfigError, match="IMGPIPE_MAX_BATCH='many' is not an integer"):
+        Settings.from_env({"IMGPIPE_MAX_BATCH": "many"})
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        Settings.from_env({"IMGPIPE_MAX_BATCH": "0"})
+    with pytest.raises(ConfigError, match="is not a directory"):
+        Settings.from_env({"IMGPIPE_ALLOWED_ROOTS": str(tmp_path / "nope")})
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_records_round_trip_through_both_formats(tmp_path: Path, suffix: str) -> None:
+    records = [
+        ok_record("/a/b.png", [("7", 0.9), ("1", 0.05)], "m@abc"),
+        error_record("/a/c.png", "cannot decode image: truncated, with, commas", "m@abc", "decode"),
+    ]
+    out = tmp_path / f"r.{suffix}"
+    with open(out, "w", newline="") as fh:
+        RecordWriter(fh, format_for(out)).write_all(records)
+    back = read_records(out)
+    assert back == records
+    with pytest.raises(ConfigError, match=r"\.jsonl or \.csv"):
+        format_for(tmp_path / "r.txt")
