@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the whole test suite: venv, project with test extras, redis-server and
+# prometheus binaries (the tests start their own servers on free loopback ports and stop them), pytest.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k pipeline`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  # Install binaries only: a policy-rc.d that says 101 stops Debian from starting the packaged services,
+  # so nothing is left listening on the standard ports; the tests start their own instances.
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && created=1
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
+  [ "$created" -eq 0 ] || $sudo rm -f "$policy"
+}
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test,dev]'
+
+exec .venv/bin/python -m pytest "$@"
