@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -164,25 +165,30 @@ class Engine:
         decode_threads: int = 4,
         on_batch: Callable[[int], None] | None = None,
     ) -> Iterator[Record]:
-        """Records for ``paths`` in input order; the next batch decodes while the current one runs."""
-        window: deque[tuple[str, Future[torch.Tensor | ImageError]]] = deque()
-        ahead = 2 * batch_size
+        """Records for ``paths`` in input order; the next batch decodes while the current one runs.
+
+        Each batch is decoded as ``decode_threads`` slices (one pool task per slice, not per image), and
+        the following batch is already submitted when the current one goes through the network.
+        """
+        source = (os.path.abspath(p) for p in paths)
+        pending: deque[tuple[list[str], list[Future[list[torch.Tensor | ImageError]]]]] = deque()
         with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="imgpipe-decode") as pool:
-            source = iter(paths)
-            exhausted = False
-            while True:
-                while not exhausted and len(window) < ahead:
-                    try:
-                        path = os.path.abspath(next(source))
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    window.append((path, pool.submit(self.safe_load_image, path)))
-                if not window:
-                    return
-                take = [window.popleft() for _ in range(min(batch_size, len(window)))]
-                batch_paths = [p for p, _ in take]
-                results = [f.result() for _, f in take]
-                yield from self.records_for(batch_paths, results)
+
+            def submit_next() -> None:
+                batch = list(itertools.islice(source, batch_size))
+                if batch:
+                    step = -(-len(batch) // decode_threads)  # ceil: one slice per thread
+                    slices = [batch[i : i + step] for i in range(0, len(batch), step)]
+                    pending.append((batch, [pool.submit(self._decode_slice, s) for s in slices]))
+
+            submit_next()
+            while pending:
+                submit_next()  # the next batch decodes while this one is predicted
+                batch, futures = pending.popleft()
+                tensors = [item for future in futures for item in future.result()]
+                yield from self.records_for(batch, tensors)
                 if on_batch is not None:
-                    on_batch(len(take))
+                    on_batch(len(batch))
+
+    def _decode_slice(self, paths: Sequence[str]) -> list[torch.Tensor | ImageError]:
+        return [self.safe_load_image(p) for p in paths]
