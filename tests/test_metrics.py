@@ -148,6 +148,21 @@ def test_exporter_figures_from_redis(redis_url: str) -> None:
     assert not any(name.startswith("imgpipe_images") for name, _ in samples)
 
 
+def test_exporter_collector_can_join_a_worker_endpoint(redis_url: str) -> None:
+    """A worker may serve the queue figures itself: its metrics and the collector's side by side, no clash."""
+    client = redis.Redis.from_url(redis_url)
+    client.rpush("imgpipe", "m1")
+    collector = RedisCollector(client, "imgpipe")
+    server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), [collector])
+    assert server is not None
+    try:
+        samples = scrape(server.port)
+    finally:
+        server.close()
+    assert value(samples, metrics.QUEUE_DEPTH) == 1
+    assert ("imgpipe_images_total", frozenset({("status", "ok")})) in samples
+
+
 def test_exporter_drain_is_infinite_when_backlog_does_not_move(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     write_job(client, "stuck", total=40, done=5, failed=0, created=time.time() - 100)
