@@ -1,4 +1,4 @@
-"""Celery broker configuration shared by producers and workers: JSON only, one queue, Redis transport options."""
+"""Celery broker settings shared by producers and workers: JSON only, one queue, Redis transport options."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def redis_client(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
 
 
 def transport_options(redis: RedisSettings) -> dict[str, Any]:
-    """kombu Redis transport options: the visibility timeout, and a sweep for abandoned messages to match it."""
+    """kombu Redis transport options: the visibility timeout, and a sweep for abandoned messages to match."""
     timeout = redis.visibility_timeout
     return {
         "visibility_timeout": timeout,
@@ -70,11 +70,14 @@ def transport_options(redis: RedisSettings) -> dict[str, Any]:
         # scan a few times per visibility timeout instead, so they come back soon after it expires.
         "unacked_restore_interval": max(1, min(10, timeout // 3)),
         "unacked_restore_throttle": 1,
+        # A worker killed while it held the restore lock blocks every other sweep until the lock expires
+        # (300 s by default): keep that within the visibility timeout.
+        "unacked_mutex_expire": max(5, min(300, timeout)),
     }
 
 
 def task_time_limit(redis: RedisSettings) -> float:
-    """Seconds one message may take: below the visibility timeout, so Redis never redelivers a live message."""
+    """Seconds one message may take: below the visibility timeout, so Redis never redelivers a live one."""
     return max(1.0, redis.visibility_timeout * defaults.TASK_TIME_LIMIT_FRACTION)
 
 
@@ -94,7 +97,7 @@ def celery_config(redis: RedisSettings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_default_queue": redis.queue,
         "task_queues": [Queue(redis.queue, routing_key=redis.queue)],
-        "task_routes": {keys.TASK_CLASSIFY: {"queue": redis.queue, "routing_key": redis.queue}},
+        "task_routes": {keys.TASK_CLASSIFY: {"queue": redis.queue}},
     }
 
 

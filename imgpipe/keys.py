@@ -9,6 +9,10 @@ TASK_CLASSIFY = "imgpipe.classify_chunk"
 
 # Set of all job ids, newest scored highest (score: creation time).
 JOBS = f"{PREFIX}:jobs"
+# Jobs that have messages not yet completed (see job_pending); the sweeper looks only at these.
+PENDING_JOBS = f"{PREFIX}:pending-jobs"
+# Lock so that one worker at a time looks for lost messages (value: who holds it; expires by itself).
+SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 # Dead-lettered messages: list of JSON {"job", "message_id", "paths", "reason", "deliveries", "at"}.
 DEAD_LETTER = f"{PREFIX}:deadletter"
 
@@ -22,6 +26,12 @@ def job(job_id: str) -> str:
 def job_results(job_id: str) -> str:
     """Hash: path -> record JSON. HSETNX makes each path's record write-once (idempotent redelivery)."""
     return f"{PREFIX}:job:{job_id}:results"
+
+
+def job_pending(job_id: str) -> str:
+    """Hash: message id -> JSON {"paths", "at"} of each message sent and not yet completed, so that a message
+    the broker loses (a worker killed between taking it and recording it as unacknowledged) can be sent again."""
+    return f"{PREFIX}:job:{job_id}:pending"
 
 
 def deliveries(message_id: str) -> str:
