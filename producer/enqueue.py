@@ -1,0 +1,134 @@
+"""Send paths to the workers: chunks of paths per message, by task name, with pipelined Redis writes.
+
+No torch and no worker import here: a producer host needs only Celery and redis-py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+
+from imgpipe import keys
+from imgpipe.broker import make_celery
+from imgpipe.settings import RedisSettings
+from producer.jobs import add_pending, add_to_total
+
+# Messages published per Redis round trip (each group first raises the job's total, then is published).
+GROUP_MESSAGES = 128
+
+
+def producer_app(settings: RedisSettings) -> Celery:
+    """The producer's Celery app: broker and serializer settings only, no tasks registered."""
+    return make_celery("imgpipe-producer", settings)
+
+
+def publish(app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None) -> None:
+    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths) by task name."""
+    app.send_task(
+        keys.TASK_CLASSIFY,
+        args=[job_id, paths],
+        task_id=message_id,
+        producer=producer,
+        # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
+        argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
+        kwargsrepr="{}",
+    )
+
+
+def chunked(paths: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of at most ``size`` paths, taken lazily from ``paths``."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    source = iter(paths)
+    while chunk := list(itertools.islice(source, size)):
+        yield chunk
+
+
+class Enqueuer:
+    """Publishes one job's paths as ``imgpipe.classify_chunk`` messages of ``chunk_size`` paths each.
+
+    The job's total is raised before the messages that carry those images are published, so a worker can
+    never record more images than the total says. Use as a context manager (it holds a broker connection).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        app: Celery,
+        job_id: str,
+        *,
+        chunk_size: int,
+        ttl_seconds: int,
+        group_messages: int = GROUP_MESSAGES,
+    ) -> None:
+        self.client = client
+        self.app = app
+        self.job_id = job_id
+        self.chunk_size = chunk_size
+        self.ttl_seconds = ttl_seconds
+        self.group_messages = group_messages
+        self.images = 0
+        self.messages = 0
+        self._stack = contextlib.ExitStack()
+        self._producer: Any = None
+        self._batch: Any = None
+
+    def __enter__(self) -> Enqueuer:
+        self._producer = self._stack.enter_context(self.app.producer_or_acquire())
+        # kombu >= 5.7 pipelines Redis publishes (one round trip per group); older kombu publishes one by one.
+        if hasattr(self._producer, "batch"):
+            self._batch = self._stack.enter_context(self._producer.batch(self.group_messages * 4))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def add(self, paths: Iterable[str]) -> int:
+        """Enqueue ``paths`` (consumed lazily, in groups); returns how many were sent."""
+        sent = 0
+        for group in _grouped(chunked(paths, self.chunk_size), self.group_messages):
+            sent += self._send_group(group)
+        return sent
+
+    def _send_group(self, chunks: list[list[str]]) -> int:
+        if self._producer is None:
+            raise RuntimeError("use Enqueuer as a context manager")
+        count = sum(len(chunk) for chunk in chunks)
+        ids = [uuid.uuid4().hex for _ in chunks]
+        pipe = self.client.pipeline(transaction=False)
+        add_to_total(pipe, self.job_id, count, self.ttl_seconds)
+        add_pending(pipe, self.job_id, dict(zip(ids, chunks, strict=True)), self.ttl_seconds)
+        pipe.execute()
+        for message_id, chunk in zip(ids, chunks, strict=True):
+            publish(self.app, self.job_id, chunk, message_id, producer=self._producer)
+        if self._batch is not None:
+            self._batch.flush()
+        self.images += count
+        self.messages += len(chunks)
+        return count
+
+
+def _grouped(chunks: Iterator[list[str]], size: int) -> Iterator[list[list[str]]]:
+    while group := list(itertools.islice(chunks, size)):
+        yield group
+
+
+def enqueue_paths(
+    client: redis.Redis,
+    settings: RedisSettings,
+    job_id: str,
+    paths: Iterable[str],
+    *,
+    chunk_size: int,
+) -> tuple[int, int]:
+    """Enqueue ``paths`` for an existing job (not sealing it); returns (images, messages) sent."""
+    ttl = settings.result_ttl_days * 86400
+    with Enqueuer(client, producer_app(settings), job_id, chunk_size=chunk_size, ttl_seconds=ttl) as enqueuer:
+        enqueuer.add(paths)
+        return enqueuer.images, enqueuer.messages

@@ -1,0 +1,236 @@
+"""Producer: streaming scan, job record, chunked enqueue by task name, watch, and the producer CLI (no worker)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import redis
+
+from imgpipe import keys
+from imgpipe.errors import ConfigError
+from imgpipe.settings import RedisSettings
+from producer.enqueue import chunked, enqueue_paths
+from producer.jobs import create_job, job_status, seal_job
+from producer.scan import distinct_roots, scan, scan_all
+from producer.watch import Watcher
+from tests.conftest import REPO, cli_env, free_port, run_cli
+from tests.images import write_good
+
+TTL = 3600
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def test_scan_is_a_lazy_recursive_filter_by_extension(tmp_path: Path) -> None:
+    wanted = {
+        _touch(tmp_path / "a.png"), _touch(tmp_path / "B.JPG"), _touch(tmp_path / "x" / "y" / "z" / "c.jpeg"),
+        _touch(tmp_path / "x" / "d.WebP"),
+    }
+    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / "x" / "archive.png.gz")
+    (tmp_path / "dir.png").mkdir()  # a folder with an image name is walked, not yielded
+    _touch(tmp_path / "dir.png" / "inner.bmp")
+    wanted.add(tmp_path / "dir.png" / "inner.bmp")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    _touch(outside / "elsewhere.png")
+    (tmp_path / "linked-dir").symlink_to(outside, target_is_directory=True)  # not followed
+    (tmp_path / "link.png").symlink_to(outside / "elsewhere.png")  # yielded: the worker checks its target
+    wanted.add(tmp_path / "link.png")
+
+    found = scan(tmp_path)
+    assert isinstance(found, types.GeneratorType)
+    paths = list(found)
+    assert len(paths) == len(set(paths))
+    assert set(paths) == {str(p) for p in wanted}
+    assert all(os.path.isabs(p) for p in paths)
+
+
+def test_scan_reports_unreadable_folders_and_goes_on(tmp_path: Path) -> None:
+    _touch(tmp_path / "ok" / "a.png")
+    errors: list[str] = []
+    paths = list(scan_all([tmp_path / "ok", tmp_path / "ok" / "a.png"], on_error=lambda p, e: errors.append(p)))
+    assert paths == [str(tmp_path / "ok" / "a.png")]  # the file inside the folder is not sent twice
+    list(scan(tmp_path / "gone", on_error=lambda p, e: errors.append(p)))
+    assert errors == [str(tmp_path / "gone")]
+
+
+def test_distinct_roots_drops_nested_and_repeated_inputs(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    _touch(tmp_path / "c.png")
+    roots = distinct_roots([tmp_path / "a" / "b", tmp_path / "a", tmp_path / "a", tmp_path / "c.png"])
+    assert roots == [str(tmp_path / "a"), str(tmp_path / "c.png")]
+    with pytest.raises(ConfigError, match="no such file"):
+        distinct_roots([tmp_path / "nope"])
+
+
+def test_chunked_is_lazy_and_exact() -> None:
+    def numbers() -> types.GeneratorType[str, None, None]:
+        yield from (str(i) for i in range(10))
+
+    assert [len(c) for c in chunked(numbers(), 4)] == [4, 4, 2]
+    assert list(chunked([], 4)) == []
+    with pytest.raises(ValueError):
+        list(chunked(["a"], 0))
+
+
+def test_enqueue_sends_chunks_by_task_name_as_json(client: redis.Redis, redis_url: str) -> None:
+    settings = RedisSettings(url=redis_url)
+    job_id = create_job(client, "job-1", kind="batch", roots=["/data"], ttl_seconds=TTL)
+    paths = (f"/data/{i // 1000}/img{i:06d}.png" for i in range(20_000))
+    start = time.perf_counter()
+    images, messages = enqueue_paths(client, settings, job_id, paths, chunk_size=32)
+    elapsed = time.perf_counter() - start
+    print(f"enqueued {images} paths in {elapsed:.2f} s: {images / elapsed:,.0f} paths/s")
+    assert (images, messages) == (20_000, 625)
+    assert client.llen(settings.queue) == 625
+    assert int(client.hget(keys.job(job_id), "total") or 0) == 20_000
+
+    # What a worker receives: a Celery protocol-2 JSON message naming the task, args [job, paths].
+    raw = json.loads(client.lindex(settings.queue, -1) or b"")  # the oldest message
+    assert raw["content-type"] == "application/json"
+    assert raw["headers"]["task"] == keys.TASK_CLASSIFY
+    body = raw["body"]
+    args, kwargs, _embed = json.loads(base64.b64decode(body) if raw["properties"]["body_encoding"] == "base64"
+                                      else body)
+    assert args == [job_id, [f"/data/0/img{i:06d}.png" for i in range(32)]]
+    assert kwargs == {}
+
+    sent: list[str] = []
+    for item in client.lrange(settings.queue, 0, -1):
+        message = json.loads(item)
+        sent += json.loads(base64.b64decode(message["body"]))[0][1]
+    assert len(sent) == len(set(sent)) == 20_000
+
+
+def test_job_lifecycle_total_seal_and_finish(client: redis.Redis) -> None:
+    job_id = create_job(client, None, kind="batch", roots=["/x"], ttl_seconds=TTL)
+    with pytest.raises(ConfigError, match="already exists"):
+        create_job(client, job_id, kind="batch", roots=["/x"], ttl_seconds=TTL)
+    with pytest.raises(ConfigError, match="not valid"):
+        create_job(client, "../etc", kind="batch", roots=["/x"], ttl_seconds=TTL)
+    assert 0 < client.ttl(keys.job(job_id)) <= TTL
+    status = job_status(client, job_id)
+    assert (status.total, status.state, status.rate, status.eta) == (0, "enqueuing", None, None)
+    seal_job(client, job_id)
+    status = job_status(client, job_id)
+    assert status.finished and status.state == "done" and status.eta == 0.0  # nothing to wait for
+    with pytest.raises(ConfigError, match="no such job"):
+        job_status(client, "nope")
+
+
+def test_producer_imports_neither_torch_nor_the_worker() -> None:
+    code = (
+        "import sys, producer.cli, producer.enqueue, producer.watch, producer.jobs, producer.scan\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'worker', 'model')))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cli_enqueue_prints_the_job_id_and_status_shows_it(tmp_path: Path, redis_url: str) -> None:
+    write_good(tmp_path / "data" / "a", 7)
+    write_good(tmp_path / "data" / "a" / "b", 5, start=7)
+    _touch(tmp_path / "data" / "readme.txt")
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url)
+    result = run_cli("enqueue", str(tmp_path / "data"), "--chunk-size", "5", "--job", "photos", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "photos\n"
+    assert "enqueued 12 images in 3 messages" in result.stderr
+
+    shown = run_cli("status", "photos", "--json", env=env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert (status["total"], status["done"], status["failed"], status["state"]) == (12, 0, 0, "queued")
+    listed = run_cli("status", env=env, timeout=60)
+    assert "photos" in listed.stdout and "queued" in listed.stdout
+
+    again = run_cli("enqueue", str(tmp_path / "data"), "--job", "photos", env=env, timeout=60)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == ["imgpipe: error: job 'photos' already exists; choose another "
+                                                 "--job id (`imgpipe status` lists jobs)"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "/no/such/folder"], "no such file or directory: /no/such/folder"),
+        (["status", "nojob"], "no such job: 'nojob'"),
+        (["results", "nojob"], "no such job: 'nojob'"),
+        (["watch", "/no/such/folder"], "not a directory: /no/such/folder"),
+    ],
+)
+def test_producer_mistakes_exit_2_with_one_line(args: list[str], message: str, redis_url: str) -> None:
+    result = run_cli(*args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_redis_is_one_line_with_the_password_masked(tmp_path: Path) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = run_cli("enqueue", str(tmp_path), env=cli_env(IMGPIPE_REDIS_URL=url), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("imgpipe: error: cannot use Redis at redis://:**@127.0.0.1:")
+    assert "hunter2" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) -> None:
+    root = tmp_path / "incoming"
+    root.mkdir()
+    seen: list[tuple[str, int]] = []
+    watcher = Watcher(str(root), on_ready=lambda p: seen.append((p, os.path.getsize(p))), settle_s=1.0)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the observer is watching
+        _touch(root / "quick.png", b"a" * 100)  # written and closed at once
+        (root / "sub").mkdir()  # a new folder is watched too
+        _touch(root / "sub" / "deep.jpg", b"b" * 50)
+        _touch(root / "ignored.txt", b"text")
+        with open(root / "slow.png", "wb") as slow:  # still being written past the settle time
+            slow.write(b"c" * 10)
+            slow.flush()
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                slow.write(b"c" * 10)
+                slow.flush()
+                assert str(root / "slow.png") not in [p for p, _ in seen]
+        staged = tmp_path / "staged.png"
+        _touch(staged, b"d" * 30)
+        staged.rename(root / "moved.png")  # moved in whole
+        deadline = time.monotonic() + 10
+        while len(seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (root / "quick.png").write_bytes(b"a" * 200)  # rewritten later: already sent, not sent again
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    sizes = dict(seen)
+    assert len(seen) == len(sizes) == 4, seen
+    assert sizes[str(root / "quick.png")] == 100
+    assert sizes[str(root / "sub" / "deep.jpg")] == 50
+    assert sizes[str(root / "slow.png")] == os.path.getsize(root / "slow.png") > 100
+    assert sizes[str(root / "moved.png")] == 30
