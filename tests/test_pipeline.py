@@ -1,0 +1,147 @@
+"""End to end with real Redis and real `imgpipe worker` processes: parity with classify, sharing, kill -9."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from imgpipe import keys
+from imgpipe.records import read_records
+from producer.jobs import iter_records
+from tests.conftest import cli_env, free_port, run_cli
+from tests.images import write_good
+from tests.workers import Workers, histogram, scrape, wait_for_job
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _workers(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:
+    return Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(roots), **env))
+
+
+def _enqueue(redis_url: str, *args: str) -> str:
+    result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _exactly_once(client: redis.Redis, job_id: str, expected: set[str]) -> dict[str, dict[str, object]]:
+    records = list(iter_records(client, job_id))
+    paths = [str(r["path"]) for r in records]
+    assert len(paths) == len(set(paths)), "a path has two records"
+    assert set(paths) == expected, (sorted(expected - set(paths))[:5], sorted(set(paths) - expected)[:5])
+    return {str(r["path"]): r for r in records}
+
+
+def test_a_nested_folder_gets_one_record_per_image_with_the_labels_of_classify(
+    tmp_path: Path, redis_url: str, client: redis.Redis, demo_data: Path
+) -> None:
+    images = {str(p) for p in demo_data.rglob("*.png")}
+    assert len(images) >= 500
+    with _workers(tmp_path, redis_url, demo_data) as workers:
+        workers.start()
+        result = run_cli("enqueue", str(demo_data), "--wait", env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=180)
+        assert result.returncode == 0, result.stderr + workers.logs()
+    job_id = result.stdout.strip()
+    assert f"job {job_id} done: {len(images)} ok, 0 failed of {len(images)}" in result.stderr
+
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url)
+    exported = run_cli("results", job_id, "-o", str(tmp_path / "labels.csv"), env=env, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    distributed = {str(r["path"]): r for r in read_records(tmp_path / "labels.csv")}
+    assert len(distributed) == len(images) == len(read_records(tmp_path / "labels.csv"))
+    _exactly_once(client, job_id, images)
+
+    embedded = run_cli("classify", str(demo_data), "-o", str(tmp_path / "embedded.jsonl"), timeout=180)
+    assert embedded.returncode == 0, embedded.stderr
+    local = {str(r["path"]): r for r in read_records(tmp_path / "embedded.jsonl")}
+    assert local.keys() == distributed.keys()
+    for path, record in distributed.items():
+        assert record["status"] == "ok"
+        assert record["label"] == local[path]["label"], path
+        assert [name for name, _ in record["topk"]] == [name for name, _ in local[path]["topk"]]  # type: ignore
+        assert abs(float(record["score"]) - float(local[path]["score"])) < 1e-4  # type: ignore[arg-type]
+        assert record["model"] == local[path]["model"]
+    val = [r for p, r in distributed.items() if "/val/" in p]
+    accuracy = sum(r["label"] == Path(str(r["path"])).parent.name for r in val) / len(val)
+    assert accuracy >= 0.9, accuracy
+
+
+def test_two_workers_at_once_lose_and_repeat_no_image(tmp_path: Path, redis_url: str, client: redis.Redis) -> None:
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data / "x", 200) + write_good(data / "y" / "z", 100, start=200)}
+    # Small prefetch and batches, so that neither worker takes the whole queue at once.
+    with _workers(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
+        first, second = workers.start(ready=False), workers.start(ready=False)
+        first.wait_ready()
+        second.wait_ready()
+        job_id = _enqueue(redis_url, str(data), "--chunk-size", "4")
+        job = wait_for_job(client, job_id, timeout=120, workers=workers)
+        assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (300, 300, 0)
+        records = _exactly_once(client, job_id, images)
+        assert all(r["status"] == "ok" for r in records.values())
+        for worker in (first, second):
+            assert "succeeded" in worker.log(), f"one worker did no work:\n{workers.logs()}"
+
+
+def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data / "a", 300) + write_good(data / "b" / "c", 300, start=300)}
+    env = {"IMGPIPE_VISIBILITY_TIMEOUT": "3", "IMGPIPE_PREFETCH": "6", "IMGPIPE_MAX_BATCH": "8"}
+    with _workers(tmp_path, redis_url, data, **env) as workers:
+        doomed = workers.start()
+        job_id = _enqueue(redis_url, str(data), "--chunk-size", "8")
+        deadline = time.monotonic() + 60
+        while True:
+            progress = client.hmget(keys.job(job_id), ["done", "failed"])
+            completed = sum(int(v or 0) for v in progress)
+            if completed >= 40:
+                break
+            assert time.monotonic() < deadline, workers.logs()
+            time.sleep(0.005)
+        doomed.kill9()
+        completed = sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"]))
+        held = client.hlen("unacked")  # kombu's record of messages taken and not acknowledged
+        assert completed < len(images), "the worker finished before it could be killed; use more images"
+        assert held > 0, "the killed worker held no message: nothing was redelivered"
+
+        workers.start()
+        job = wait_for_job(client, job_id, timeout=120, workers=workers)
+    assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (600, 600, 0)
+    records = _exactly_once(client, job_id, images)
+    assert all(r["status"] == "ok" for r in records.values())
+    assert client.hlen("unacked") == 0
+
+
+def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 120)}
+    port = free_port()
+    with _workers(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
+        supervisor = workers.start("--concurrency", "2", "--device", "cpu", "--metrics-port", str(port),
+                                   processes=2)
+        job_id = _enqueue(redis_url, str(data), "--chunk-size", "4")
+        wait_for_job(client, job_id, timeout=120, workers=workers)
+        _exactly_once(client, job_id, images)
+        text = scrape(port)
+        assert 'imgpipe_images_total{status="ok"} 120.0' in text, text
+        batches = histogram(text, "imgpipe_batch_size")
+        assert batches["sum"] == 120.0
+        log = supervisor.log()
+        assert len(re.findall(r"imgpipe worker \d+: model", log)) == 2 and "2 processes on cpu, cpu" in log
+        code = supervisor.stop()
+    assert code == 0, workers.logs()

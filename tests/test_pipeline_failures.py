@@ -1,0 +1,96 @@
+"""Messages that keep failing end dead-lettered; messages the broker loses are sent again (real workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from imgpipe import keys
+from imgpipe.settings import RedisSettings
+from producer.enqueue import enqueue_paths
+from producer.jobs import create_job, iter_records, seal_job
+from tests.conftest import cli_env, run_cli
+from tests.images import write_good
+from tests.workers import Workers, wait_for_job
+
+TTL = 3600
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_a_message_whose_worker_is_killed_every_time_ends_dead_lettered(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    source = write_good(data, 1)[0]
+    paths = []
+    for i in range(1500):  # one message that takes a while: hard links of one small image, one per batch
+        link = data / "links" / f"{i:05d}.png"
+        link.parent.mkdir(exist_ok=True)
+        os.link(source, link)
+        paths.append(str(link))
+    job_id = create_job(client, None, kind="batch", roots=[str(data)], ttl_seconds=TTL)
+    enqueue_paths(client, RedisSettings(url=redis_url), job_id, paths, chunk_size=len(paths))
+    seal_job(client, job_id)
+    (message_id,) = [m.decode() for m in client.hkeys(keys.job_pending(job_id))]
+
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_VISIBILITY_TIMEOUT="6",
+                  IMGPIPE_MAX_DELIVERIES="2", IMGPIPE_MAX_BATCH="1")
+    with Workers(tmp_path, env) as workers:
+        for delivery in (1, 2):
+            worker = workers.start()
+            deadline = time.monotonic() + 60
+            while int(client.hget(keys.deliveries(message_id), "count") or 0) < delivery:
+                assert time.monotonic() < deadline, workers.logs()
+                time.sleep(0.005)
+            worker.kill9()  # while it processes the message: nothing of it is recorded
+            assert client.hget(keys.job(job_id), "done") == b"0", "the message finished before the kill"
+            assert client.hget(keys.job(job_id), "failed") == b"0"
+
+        last = workers.start()
+        job = wait_for_job(client, job_id, timeout=60, workers=workers)
+        assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (1500, 0, 1500)
+        records = list(iter_records(client, job_id))
+        assert len(records) == 1500 and {r["reason"] for r in records} == {"dead_letter"}
+        assert records[0]["error"].startswith("gave up after 2 deliveries: the worker stopped while processing it")
+        (entry,) = [json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)]
+        assert (entry["job"], entry["message_id"], entry["deliveries"]) == (job_id, message_id, 2)
+        assert len(entry["paths"]) == 1500
+        assert "dead-lettered" in last.log()
+        assert client.llen(RedisSettings().queue) == 0 and client.hlen("unacked") == 0  # not looping
+
+        # The worker that dead-lettered it goes on with other work.
+        result = run_cli("enqueue", str(source), "--wait", env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=60)
+        assert result.returncode == 0, result.stderr + workers.logs()
+
+
+def test_a_message_the_broker_lost_is_sent_again(tmp_path: Path, redis_url: str, client: redis.Redis) -> None:
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 20)}
+    settings = RedisSettings(url=redis_url)
+    job_id = create_job(client, None, kind="batch", roots=[str(data)], ttl_seconds=TTL)
+    enqueue_paths(client, settings, job_id, sorted(images), chunk_size=5)
+    seal_job(client, job_id)
+    # What a worker killed between Redis' BRPOP and kombu's "unacked" bookkeeping leaves behind: nothing.
+    assert client.rpop(settings.queue) is not None
+    assert client.llen(settings.queue) == 3
+
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_VISIBILITY_TIMEOUT="2")
+    with Workers(tmp_path, env) as workers:
+        worker = workers.start()
+        job = wait_for_job(client, job_id, timeout=60, workers=workers)
+        assert (int(job["done"]), int(job["failed"])) == (20, 0)
+        assert {r["path"] for r in iter_records(client, job_id)} == images
+        assert f"job {job_id}: sent 1 lost messages again" in worker.log()
+        assert client.hlen(keys.job_pending(job_id)) == 0

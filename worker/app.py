@@ -1,0 +1,46 @@
+"""The worker's Celery app, configured for long GPU work on Redis: JSON only, late acks, sized prefetch."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from imgpipe import defaults
+from imgpipe.broker import make_celery, task_time_limit
+from imgpipe.settings import Settings
+
+
+def prefetch(settings: Settings) -> int:
+    """Messages one worker process holds at once (and task threads it runs).
+
+    Enough one-image messages to fill a batch while the previous one runs; messages of many paths need fewer,
+    but holding more costs only their path strings (decoded images are bounded by the batcher).
+    """
+    if settings.worker.prefetch is not None:
+        return settings.worker.prefetch
+    return max(2, defaults.PREFETCH_PER_BATCH_IMAGE * settings.batch.max_batch)
+
+
+def make_app(settings: Settings) -> Celery:
+    """The Celery app of a worker process; tasks are registered by ``worker.tasks.register``."""
+    app = make_celery("imgpipe-worker", settings.redis)
+    limit = task_time_limit(settings.redis)
+    app.conf.update(
+        # Acknowledge a message only once its records are written; a worker that dies leaves it unacked,
+        # and Redis hands it to another worker after the visibility timeout.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Threads, not prefork: every task thread of a process feeds the one batcher (and the one model).
+        worker_pool="threads",
+        worker_concurrency=prefetch(settings),
+        # Reserve exactly as many messages as there are task threads: none waits unstarted in the worker,
+        # so a message's visibility clock and its time limit start together.
+        worker_prefetch_multiplier=1,
+        # Below the visibility timeout, so a live message is not redelivered. The threads pool does not
+        # enforce Celery's limits: the task gives a message back once `limit` has passed (worker/pipeline.py).
+        task_soft_time_limit=limit,
+        task_time_limit=limit + 1,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=True,
+    )
+    return app

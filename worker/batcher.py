@@ -1,0 +1,131 @@
+"""Cross-message batching: images from any number of messages fill one inference batch.
+
+Task threads submit paths; decode threads read, decode and preprocess them (Pillow releases the GIL); one
+batch thread takes up to ``max_batch`` decoded images, waiting at most ``max_wait_ms`` after the first, and
+runs them through the engine as one batch while the decode threads prepare the next. Each path's record
+comes back on its own future, so each message waits only for its own images.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from imgpipe.errors import ImageError
+from imgpipe.records import Record
+from imgpipe.settings import BatchSettings
+from model.engine import Engine
+from worker import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    path: str
+    source: str  # message id, for the batch log line
+    future: Future[Record] = field(default_factory=Future)
+    tensor: torch.Tensor | None = None  # (C, H, W), once decoded
+
+
+class Batcher:
+    """Decode threads plus one batch thread around one engine (the only thread that calls ``predict``)."""
+
+    def __init__(self, engine: Engine, settings: BatchSettings) -> None:
+        self.engine = engine
+        self.max_batch = settings.max_batch
+        self.max_wait = settings.max_wait_ms / 1000.0
+        self._todo: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # Decoded images waiting for the batch thread: two batches' worth bounds memory and keeps one ahead.
+        self._ready: queue.Queue[_Item | None] = queue.Queue(maxsize=2 * settings.max_batch)
+        self._decoders = [
+            threading.Thread(target=self._decode_loop, name=f"imgpipe-decode-{i}", daemon=True)
+            for i in range(settings.decode_threads)
+        ]
+        self._runner = threading.Thread(target=self._batch_loop, name="imgpipe-batch", daemon=True)
+        self._started = False
+
+    def start(self) -> Batcher:
+        for thread in [*self._decoders, self._runner]:
+            thread.start()
+        self._started = True
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what was submitted, then stop the threads."""
+        if not self._started:
+            return
+        for _ in self._decoders:
+            self._todo.put(None)
+        for thread in self._decoders:
+            thread.join(timeout)
+        self._ready.put(None)
+        self._runner.join(timeout)
+        self._started = False
+
+    def submit(self, paths: Sequence[str], source: str = "") -> list[Future[Record]]:
+        """Queue ``paths``; each future resolves to that path's record (or to the exception of its batch)."""
+        items = [_Item(path, source) for path in paths]
+        for item in items:
+            self._todo.put(item)
+        return [item.future for item in items]
+
+    def _decode_loop(self) -> None:
+        while (item := self._todo.get()) is not None:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # its message gave up waiting
+            start = time.perf_counter()
+            result = self.engine.safe_load_image(item.path)
+            metrics.STAGE_SECONDS.labels(stage="decode").observe(time.perf_counter() - start)
+            if isinstance(result, ImageError):
+                # An error record needs no inference: resolve it now and keep the batch for real images.
+                item.future.set_result(self.engine.records_for([item.path], [result])[0])
+                continue
+            item.tensor = result
+            self._ready.put(item)
+
+    def _batch_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._ready.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._ready.get(timeout=remaining) if remaining > 0 else self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list[_Item]) -> None:
+        paths = [item.path for item in batch]
+        tensors: list[torch.Tensor | ImageError] = [item.tensor for item in batch if item.tensor is not None]
+        start = time.perf_counter()
+        try:
+            records = self.engine.records_for(paths, tensors)
+        except Exception as exc:  # e.g. CUDA out of memory: these messages are given back and retried
+            log.exception("inference failed for a batch of %d images", len(batch))
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        metrics.STAGE_SECONDS.labels(stage="infer").observe(time.perf_counter() - start)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.observe_device(self.engine.device)
+        log.debug("batch of %d images from %d messages", len(batch), len({item.source for item in batch}))
+        for item, record in zip(batch, records, strict=True):
+            item.tensor = None
+            item.future.set_result(record)
