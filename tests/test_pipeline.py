@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +65,8 @@ def test_a_nested_folder_gets_one_record_per_image_with_the_labels_of_classify(
     distributed = {str(r["path"]): r for r in read_records(tmp_path / "labels.csv")}
     assert len(distributed) == len(images) == len(read_records(tmp_path / "labels.csv"))
     _exactly_once(client, job_id, images)
+    streamed = run_cli("results", job_id, "--format", "jsonl", env=env, timeout=120)
+    assert sorted(json.loads(line)["path"] for line in streamed.stdout.splitlines()) == sorted(images)
 
     embedded = run_cli("classify", str(demo_data), "-o", str(tmp_path / "embedded.jsonl"), timeout=180)
     assert embedded.returncode == 0, embedded.stderr
@@ -143,5 +149,15 @@ def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
         assert batches["sum"] == 120.0
         log = supervisor.log()
         assert len(re.findall(r"imgpipe worker \d+: model", log)) == 2 and "2 processes on cpu, cpu" in log
+
+        # A child that dies is replaced, and the replacement works.
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(supervisor.pid)], capture_output=True,
+                                  text=True, check=True).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        supervisor.wait_ready(processes=3)
+        assert "starting another" in supervisor.log()
+        again = _enqueue(redis_url, str(data / "img00000.png"))
+        wait_for_job(client, again, timeout=60, workers=workers)
         code = supervisor.stop()
     assert code == 0, workers.logs()

@@ -77,9 +77,13 @@ def test_bad_files_and_escaping_paths_become_error_records_and_the_worker_keeps_
         assert all(records[p]["status"] == "ok" and records[p]["label"] for p in good)
         assert str(secret) not in records[str(escape)]["error"] + records[dotdot]["error"]  # says nothing of it
 
-        # Still serving: the next job is classified.
+        # Still serving: the next job is classified, and `enqueue --wait` exits 1 when an image failed.
         again = _job(client, redis_url, good[:5])
         wait_for_job(client, again, timeout=60, workers=workers)
+        failing = run_cli("enqueue", str(bad["empty"]), str(good[0]), "--wait",
+                          env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=60)
+        assert failing.returncode == 1, failing.stderr
+        assert "1 ok, 1 failed of 2" in failing.stderr
         assert worker.proc.poll() is None
         assert "Traceback" not in worker.log()
 

@@ -22,6 +22,7 @@ from types import FrameType
 
 import click
 
+from imgpipe import defaults
 from imgpipe.broker import redis_client, safe_url, task_time_limit
 from imgpipe.errors import ConfigError
 from imgpipe.settings import Settings, parse_roots
@@ -30,8 +31,10 @@ log = logging.getLogger("imgpipe.worker")
 
 # prometheus_client's variable (worker.metrics.MULTIPROC_ENV), set here before prometheus_client is imported.
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Seconds a child must have run for its exit to count as a crash to restart from, rather than a start failure.
+# Seconds a child must have run for its exit not to count as a failure to start.
 _MIN_CHILD_UPTIME_S = 10.0
+# Failures to start in a row (backing off 2, 4, 8... s between them) before the supervisor gives up.
+_MAX_QUICK_FAILURES = 5
 LOGLEVELS = ("debug", "info", "warning", "error")
 
 
@@ -54,13 +57,13 @@ LOGLEVELS = ("debug", "info", "warning", "error")
 @click.option("--redis-url", envvar="IMGPIPE_REDIS_URL", show_envvar=True,
               help="Broker and result store.  [default: redis://localhost:6379/0]")
 @click.option("--max-batch", type=click.IntRange(min=1), envvar="IMGPIPE_MAX_BATCH", show_envvar=True,
-              help="Images per inference batch, gathered across messages.")
+              help=f"Images per inference batch, gathered across messages.  [default: {defaults.MAX_BATCH}]")
 @click.option("--max-wait-ms", type=click.IntRange(min=0), envvar="IMGPIPE_MAX_WAIT_MS", show_envvar=True,
-              help="Longest wait for a batch to fill before running it partly full.")
+              help="Longest wait for a batch to fill before running it partly full.  "
+                   f"[default: {defaults.MAX_WAIT_MS}]")
 @click.option("--prefetch", type=click.IntRange(min=1), envvar="IMGPIPE_PREFETCH", show_envvar=True,
               help="Messages one process holds at once.  [default: 2 x max batch]")
-@click.option("--loglevel", type=click.Choice(LOGLEVELS), default="info", show_default=True,
-              envvar="IMGPIPE_LOG_LEVEL", show_envvar=True)
+@click.option("--loglevel", type=click.Choice(LOGLEVELS), default="info", show_default=True)
 @click.option("--parent-pid", type=int, hidden=True)
 def worker(
     concurrency: int | None,
@@ -219,6 +222,8 @@ class Supervisor:
         self.devices = devices
         self.loglevel = loglevel
         self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self.restarts: dict[int, float] = {}  # index -> when to start it again
+        self.quick_failures: dict[int, int] = {}
         self.stopping = False
         self.exit_code = 0
         self.metrics_dir = tempfile.mkdtemp(prefix="imgpipe-metrics-")
@@ -235,7 +240,7 @@ class Supervisor:
         try:
             for index in range(len(self.devices)):
                 self._spawn(index)
-            while self.children:
+            while self.children or self.restarts:
                 time.sleep(0.2)
                 self._reap()
         finally:
@@ -274,6 +279,7 @@ class Supervisor:
         log.info("worker process %d (pid %d) on %s started", index, child.pid, self.devices[index])
 
     def _reap(self) -> None:
+        now = time.monotonic()
         for index, (child, started) in list(self.children.items()):
             code = child.poll()
             if code is None:
@@ -281,14 +287,28 @@ class Supervisor:
             del self.children[index]
             if self.stopping:
                 continue
-            if code == 2 or time.monotonic() - started < _MIN_CHILD_UPTIME_S:
-                log.error("worker process %d (pid %d) could not start (exit %d); stopping",
-                          index, child.pid, code)
-                self.exit_code = 2 if code == 2 else 1
+            if code == 2:  # a configuration error: another try would fail the same way
+                log.error("worker process %d (pid %d) could not start; stopping", index, child.pid)
+                self.exit_code = 2
                 self._stop_children()
                 continue
-            log.warning("worker process %d (pid %d) exited with %d; starting another", index, child.pid, code)
-            self._spawn(index)
+            quick = now - started < _MIN_CHILD_UPTIME_S
+            self.quick_failures[index] = self.quick_failures.get(index, 0) + 1 if quick else 0
+            if self.quick_failures[index] > _MAX_QUICK_FAILURES:
+                log.error("worker process %d keeps exiting right after it starts (exit %d); stopping", index, code)
+                self.exit_code = 1
+                self._stop_children()
+                continue
+            delay = min(30.0, 2.0 ** self.quick_failures[index])
+            log.warning("worker process %d (pid %d) exited with %d; starting another in %.0f s",
+                        index, child.pid, code, delay)
+            self.restarts[index] = now + delay
+        for index, when in list(self.restarts.items()):
+            if self.stopping:
+                del self.restarts[index]
+            elif now >= when:
+                del self.restarts[index]
+                self._spawn(index)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:  # a second Ctrl-C: do not wait for running batches

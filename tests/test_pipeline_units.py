@@ -1,0 +1,94 @@
+"""Worker pieces without Redis: process/device plan, Celery settings, and the batcher on the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgpipe.broker import celery_config, ssl_options, task_time_limit, transport_options
+from imgpipe.errors import ConfigError
+from imgpipe.settings import BatchSettings, RedisSettings, SecuritySettings, Settings
+from model.engine import Engine
+from tests.images import write_bad, write_good
+from worker import metrics
+from worker.app import make_app, prefetch
+from worker.batcher import Batcher
+from worker.cli import plan_devices
+
+
+def test_device_plan_one_process_per_gpu_else_the_cpu() -> None:
+    assert plan_devices("cpu", None) == ["cpu"]
+    assert plan_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
+    assert plan_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
+        plan_devices("tpu", None)
+
+
+def test_device_plan_without_a_gpu_is_the_cpu_or_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    assert plan_devices("auto", 2) == ["cpu", "cpu"]
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        plan_devices("cuda", None)
+
+
+def test_device_plan_with_gpus_is_one_process_per_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpus = torch.cuda.device_count()
+    assert plan_devices("auto", None) == [f"cuda:{i}" for i in range(gpus)]
+    assert plan_devices("cuda", gpus + 1)[-1] == "cuda:0"  # dealt round-robin
+
+
+def test_celery_is_configured_for_late_acks_json_only_and_limits_below_the_visibility_timeout() -> None:
+    settings = Settings(redis=RedisSettings(url="redis://:pw@host:6379/2", visibility_timeout=600),
+                        batch=BatchSettings(max_batch=32))
+    conf = make_app(settings).conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_pool == "threads" and conf.worker_prefetch_multiplier == 1
+    assert conf.worker_concurrency == prefetch(settings) == 64
+    assert conf.broker_transport_options["visibility_timeout"] == 600
+    assert conf.task_soft_time_limit == task_time_limit(settings.redis) < conf.task_time_limit < 600
+    assert conf.result_backend is None and conf.task_ignore_result
+    assert transport_options(RedisSettings(visibility_timeout=3))["unacked_restore_interval"] == 1
+
+
+def test_rediss_urls_verify_certificates_unless_told_otherwise() -> None:
+    import ssl
+
+    assert ssl_options("redis://h:6379/0") is None
+    assert ssl_options("rediss://h:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert ssl_options("rediss://h/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem") == {
+        "ssl_cert_reqs": ssl.CERT_NONE, "ssl_ca_certs": "/ca.pem"}
+    with pytest.raises(ConfigError, match="valid: none, optional, required"):
+        ssl_options("rediss://h/0?ssl_cert_reqs=maybe")
+    assert celery_config(RedisSettings(url="rediss://h/0"))["broker_use_ssl"] is not None
+
+
+def test_the_batcher_fills_one_batch_from_several_messages(tmp_path: Path, default_model: Path) -> None:
+    engine = Engine.load(default_model, "cpu", security=SecuritySettings(allowed_roots=(tmp_path,)))
+    good = [str(p) for p in write_good(tmp_path / "good", 15)]
+    bad = write_bad(tmp_path / "bad")
+    batches_before = metrics.BATCH_SIZE.collect()[0].samples
+    count_before = next(s.value for s in batches_before if s.name.endswith("_count"))
+    batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2)).start()
+    try:
+        # Three "messages" of five images each, plus a bad file, arrive within the wait: one batch of 15.
+        futures = [batcher.submit(good[i:i + 5], source=f"m{i}") for i in range(0, 15, 5)]
+        failed = batcher.submit([str(bad["corrupt"])], source="m-bad")
+        records = [f.result(timeout=30) for group in futures for f in group]
+        error = failed[0].result(timeout=30)
+    finally:
+        batcher.close()
+    assert [r["path"] for r in records] == good and all(r["status"] == "ok" for r in records)
+    assert records == engine.records_for(good, [engine.load_image(p) for p in good])  # same as one batch
+    assert error["status"] == "error" and error["reason"] == "decode"
+    samples = metrics.BATCH_SIZE.collect()[0].samples
+    count_after = next(s.value for s in samples if s.name.endswith("_count"))
+    assert count_after - count_before == 1, "the 15 images should form one batch"
