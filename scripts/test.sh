@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run the whole test suite: venv, project with test extras, redis-server and
-# prometheus binaries (the tests start their own servers on free loopback ports and stop them), pytest.
+# Set up a fresh machine and run the whole test suite: venv, project with test extras, redis-server,
+# prometheus and openssl binaries (the tests start their own servers on free loopback ports and stop them), pytest.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k pipeline`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ apt_install() {
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v openssl >/dev/null || missing+=(openssl)  # the rediss:// test makes a throw-away CA
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
