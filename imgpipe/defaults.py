@@ -33,6 +33,8 @@ WATCH_SETTLE_MS = 500
 STATUS_REFRESH_S = 0.5
 # Address the worker's /metrics endpoint binds to.
 METRICS_BIND = "0.0.0.0"
+# Port of `imgpipe exporter`'s /metrics (queue depth, backlog, drain time).
+EXPORTER_PORT = 9808
 # Labels returned per image.
 TOPK = 3
 # Days a job's records and counters are kept in Redis.

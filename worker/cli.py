@@ -48,6 +48,8 @@ LOGLEVELS = ("debug", "info", "warning", "error")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="IMGPIPE_METRICS_PORT",
               show_envvar=True,
               help="Serve Prometheus /metrics on this port (0: any free port).")
+@click.option("--metrics-bind", envvar="IMGPIPE_METRICS_BIND", show_envvar=True,
+              help=f"Address /metrics binds to.  [default: {defaults.METRICS_BIND}]")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="IMGPIPE_MODEL", show_envvar=True,
               help="Model file (TorchScript from `imgpipe train`).  [default: the demo model]")
@@ -69,6 +71,7 @@ def worker(
     concurrency: int | None,
     device: str | None,
     metrics_port: int | None,
+    metrics_bind: str | None,
     model_path: Path | None,
     allowed_roots: str | None,
     redis_url: str | None,
@@ -102,7 +105,9 @@ def worker(
             else settings.security.allowed_roots,
         ),
         metrics=replace(
-            settings.metrics, port=metrics_port if metrics_port is not None else settings.metrics.port
+            settings.metrics,
+            port=metrics_port if metrics_port is not None else settings.metrics.port,
+            bind=metrics_bind or settings.metrics.bind,
         ),
         worker=replace(
             settings.worker,

@@ -19,15 +19,13 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from imgpipe import broker, keys
+from imgpipe import broker, defaults, keys
 from imgpipe.progress import RATE_WINDOW_S, RateWindow, drain_seconds, read_jobs
 from imgpipe.settings import MetricsSettings, RedisSettings, Settings
 from worker import metrics
 
 log = logging.getLogger(__name__)
 
-# Port the exporter's /metrics listens on (workers use IMGPIPE_METRICS_PORT; this one is separate).
-EXPORTER_PORT = 9808
 # Seconds between background reads of Redis, so the recent rate has samples between scrapes.
 SAMPLE_INTERVAL_S = 5.0
 
@@ -156,7 +154,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 @click.command("exporter")
-@click.option("--port", type=click.IntRange(0, 65535), default=EXPORTER_PORT, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=defaults.EXPORTER_PORT, show_default=True,
               envvar="IMGPIPE_EXPORTER_PORT", help="Port of /metrics (0: any free port, printed).")
 @click.option("--bind", default="0.0.0.0", show_default=True, envvar="IMGPIPE_EXPORTER_BIND",
               help="Address /metrics binds to.")
