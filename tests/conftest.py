@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,12 +63,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_url(redis_server: str) -> Iterator[str]:
     """Database 0 of the test server, emptied before each test (it is ours alone)."""
-    import redis
-
     client = redis.Redis.from_url(redis_server + "/0")
     client.flushdb()
     client.close()
     yield redis_server + "/0"
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A redis-py client on the test server's database 0, closed after the test."""
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

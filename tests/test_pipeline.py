@@ -8,10 +8,8 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from imgpipe import keys
@@ -20,13 +18,6 @@ from producer.jobs import iter_records
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
 from tests.workers import Workers, histogram, scrape, wait_for_job
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _workers(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:

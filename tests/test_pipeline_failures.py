@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from imgpipe import keys
@@ -20,13 +18,6 @@ from tests.images import write_good
 from tests.workers import Workers, wait_for_job
 
 TTL = 3600
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def test_a_message_whose_worker_is_killed_every_time_ends_dead_lettered(

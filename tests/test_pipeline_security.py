@@ -27,13 +27,6 @@ from tests.workers import Workers, wait_for_job
 TTL = 3600
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 def _job(client: redis.Redis, redis_url: str, paths: list[str], chunk_size: int = 8) -> str:
     job_id = create_job(client, None, kind="batch", roots=["/"], ttl_seconds=TTL)
     enqueue_paths(client, RedisSettings(url=redis_url), job_id, paths, chunk_size=chunk_size)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import redis
 
 from imgpipe import keys
@@ -14,11 +13,6 @@ from worker.store import ResultStore
 
 TTL = 3600
 MODEL = "m@123"
-
-
-@pytest.fixture
-def client(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url)
 
 
 def _job(client: redis.Redis, total: int) -> str:

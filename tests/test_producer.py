@@ -34,11 +34,6 @@ def _touch(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
-@pytest.fixture
-def client(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url)
-
-
 def test_scan_is_a_lazy_recursive_filter_by_extension(tmp_path: Path) -> None:
     wanted = {
         _touch(tmp_path / "a.png"), _touch(tmp_path / "B.JPG"), _touch(tmp_path / "x" / "y" / "z" / "c.jpeg"),
