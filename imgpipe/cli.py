@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "model.cli:train",
     "evaluate": "model.cli:evaluate",
     "classify": "model.cli:classify",
-    "bench": "model.cli:bench",
+    "bench": "imgpipe.bench:bench",
     "worker": "worker.cli:worker",
     "exporter": "worker.exporter:exporter",
     "enqueue": "producer.cli:enqueue",

@@ -1,11 +1,10 @@
-"""CLI commands of the model side: demo-data, train, evaluate, classify (the embedded default) and bench."""
+"""CLI commands of the model side: demo-data, train, evaluate and classify (the embedded default)."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,7 +18,8 @@ from model.data import iter_images
 ENV_NOTE = "Environment: IMGPIPE_MODEL, IMGPIPE_DEVICE, IMGPIPE_MAX_BATCH, IMGPIPE_DECODE_THREADS, IMGPIPE_TOPK."
 
 
-def _engine(model: Path | None, device: str | None, topk: int | None, settings: Settings) -> Any:
+def load_engine(model: Path | None, device: str | None, topk: int | None, settings: Settings) -> Any:
+    """The engine for a model file (default: IMGPIPE_MODEL or the bundled one), with the security settings."""
     from model.engine import Engine
 
     path = model or settings.model.resolved_path()
@@ -118,7 +118,7 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     from model.evaluate import confusion_stats, write_report
 
     settings = Settings.from_env()
-    engine = _engine(model_path, device, None, settings)
+    engine = load_engine(model_path, device, None, settings)
     root = data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} \
         else data
     classes = find_classes(root)
@@ -170,7 +170,7 @@ def classify(paths: tuple[str, ...], output: Path | None, fmt: str | None, model
 
     settings = Settings.from_env()
     fmt = format_for(output, fmt)
-    engine = _engine(model_path, device, topk, settings)
+    engine = load_engine(model_path, device, topk, settings)
     inputs = list(expand_paths(paths))
     batch = batch_size or settings.batch.max_batch
     show = sys.stderr.isatty() if progress is None else progress
@@ -221,28 +221,3 @@ class Summary:
         if output:
             text += f"; records in {output}"
         return text
-
-
-@click.command()
-@click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--images", default=2000, show_default=True, help="Images per measurement (inputs repeat to fill).")
-@click.option("--batch-size", default=64, show_default=True, help="imgpipe engine batch size.")
-@click.option("--decode-threads", default=None, type=int, help="imgpipe engine decode threads [default 4].")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Model file.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--repeat", default=3, show_default=True, help="Runs per variant; the median counts.")
-def bench(data: Path | None, images: int, batch_size: int, decode_threads: int | None, model_path: Path | None,
-          device: str, repeat: int) -> None:
-    """Benchmark the engine against a one-image-at-a-time baseline, in one run, as a ratio.
-
-    DATA defaults to the demo validation images (generated in a temp folder).
-    """
-    from model.bench import run_bench
-
-    settings = Settings.from_env()
-    if decode_threads:
-        settings = settings.with_section(batch=replace(settings.batch, decode_threads=decode_threads))
-    engine = _engine(model_path, device, None, settings)
-    report = run_bench(engine, data, images=images, batch_size=batch_size,
-                       decode_threads=settings.batch.decode_threads, repeat=repeat)
-    click.echo(report)
