@@ -96,9 +96,9 @@ def parse_suites(text: str) -> list[str]:
 @click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--suite", "suites", default=",".join(SUITES), show_default=True,
               help="Comma-separated suites to run: engine, enqueue, pipeline.")
-@click.option("--images", default=2000, show_default=True,
+@click.option("--images", default=2000, show_default=True, type=click.IntRange(min=1),
               help="engine: images per measurement (inputs repeat to fill).")
-@click.option("--batch-size", default=64, show_default=True,
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="engine: batch size; pipeline: the worker's IMGPIPE_MAX_BATCH (against 1).")
 @click.option("--decode-threads", default=None, type=click.IntRange(min=1),
               help="Decode threads of the engine and the worker [env IMGPIPE_DECODE_THREADS; default 4].")

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from celery import Celery
 
 from imgpipe.bench import BenchError, SuiteResult
 from imgpipe.settings import ENV_PREFIX, BatchSettings, RedisSettings, Settings
@@ -119,13 +120,14 @@ def batch_size_totals(port: int | None) -> tuple[float, float]:
     return totals["imgpipe_batch_size_sum"], totals["imgpipe_batch_size_count"]
 
 
-def run_job(client: redis.Redis, settings: RedisSettings, paths: list[str], worker: WorkerProcess) -> float:
+def run_job(client: redis.Redis, app: Celery, settings: RedisSettings, paths: list[str],
+            worker: WorkerProcess) -> float:
     """Enqueue ``paths`` one per message (as `imgpipe watch` does), seal, and wait for the job to finish;
     returns images/s from just before the first message is sent to the job's finish time (Redis clock)."""
     ttl = settings.result_ttl_days * 86400
     job_id = create_job(client, None, kind="stream", roots=[str(Path(paths[0]).parent)], ttl_seconds=ttl)
     start = time.time()
-    with Enqueuer(client, producer_app(settings), job_id, chunk_size=1, ttl_seconds=ttl) as enqueuer:
+    with Enqueuer(client, app, job_id, chunk_size=1, ttl_seconds=ttl) as enqueuer:
         enqueuer.add(paths)
     seal_job(client, job_id)
     deadline = time.monotonic() + 30 + len(paths) / SLOWEST_RATE
@@ -169,9 +171,11 @@ def run_pipeline_bench(redis_url: str, sources: list[Path], workdir: Path, *, im
                    f"{ENV_PREFIX}METRICS_PORT": "0", f"{ENV_PREFIX}METRICS_BIND": "127.0.0.1"}
             with WorkerProcess(env, workdir / f"worker-max-batch-{batch}.log") as worker:
                 port = worker.wait_ready()
-                run_job(client, settings, paths[: min(len(paths), 2 * max_batch)], worker)  # warm-up
+                app = producer_app(settings)
+                run_job(client, app, settings, paths[: min(len(paths), 2 * max_batch)], worker)  # warm-up
                 before = batch_size_totals(port)
-                rates[batch] = statistics.median(run_job(client, settings, paths, worker) for _ in range(repeat))
+                rates[batch] = statistics.median(run_job(client, app, settings, paths, worker)
+                                                 for _ in range(repeat))
                 after = batch_size_totals(port)
             if after[1] > before[1]:
                 mean_batch[batch] = (after[0] - before[0]) / (after[1] - before[1])
