@@ -21,7 +21,7 @@ from imgpipe.errors import ConfigError, ImgpipeError
 from imgpipe.scratch_redis import ScratchRedisError, scratch_redis
 from imgpipe.settings import Settings
 
-SUITES = ("engine", "enqueue", "pipeline")
+SUITES = ("engine", "photos", "enqueue", "pipeline")
 
 
 class BenchError(ImgpipeError):
@@ -122,6 +122,7 @@ def bench(data: Path | None, suites: str, images: int, batch_size: int, decode_t
 
     \b
     engine    the in-process engine against one image at a time (images of DATA, or the demo images)
+    photos    the same on generated photo-sized JPEGs (2048x1536), where decoding dominates
     enqueue   the producer against a plain Celery send_task loop, and the folder scan
     pipeline  a real `imgpipe worker` fed one-image messages, batching across messages (--batch-size)
               against IMGPIPE_MAX_BATCH=1 (images of DATA, or the demo images)
@@ -142,7 +143,7 @@ def bench(data: Path | None, suites: str, images: int, batch_size: int, decode_t
         run = _Run(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-bench-"))), settings,
                    options)
         for suite in chosen:
-            if suite != "engine" and run.redis_url is None:
+            if suite not in ("engine", "photos") and run.redis_url is None:
                 try:
                     run.redis_url = stack.enter_context(scratch_redis(run.tmp / "redis"))
                 except ScratchRedisError as exc:
@@ -204,6 +205,14 @@ class _Run:
             data = o.data if o.data is not None else self.images() / "val"
             return run_bench(engine, data, images=o.images, batch_size=o.batch_size,
                              decode_threads=o.decode_threads, repeat=o.repeat)
+        if name == "photos":
+            from model.bench import run_bench, write_photos
+            from model.cli import load_engine
+
+            engine = load_engine(o.model, o.device, None, self.settings)
+            photos = write_photos(self.tmp / "photos", count=min(100, o.images))
+            return run_bench(engine, photos, images=max(1, o.images // 5), batch_size=o.batch_size,
+                             decode_threads=o.decode_threads, repeat=o.repeat, name="photos")
         if self.redis_url is None:
             raise BenchError(f"the {name} suite needs the scratch Redis")
         if name == "enqueue":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from imgpipe.bench import SuiteResult, median_rate
 from model.data import iter_images
@@ -13,8 +15,18 @@ from model.engine import Engine
 from model.preprocess import stack
 
 
+def write_photos(out: Path, count: int, size: tuple[int, int] = (2048, 1536), seed: int = 0) -> Path:
+    """``count`` photo-sized JPEGs (smooth random colour fields, quality 90) to measure decode-heavy input."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        small = (rng.random((size[1] // 16, size[0] // 16, 3)) * 255).astype(np.uint8)  # (H/16, W/16, 3)
+        Image.fromarray(small).resize(size, Image.Resampling.BILINEAR).save(out / f"photo{i:04d}.jpg", quality=90)
+    return out
+
+
 def run_bench(engine: Engine, data: Path, *, images: int, batch_size: int, decode_threads: int,
-              repeat: int) -> SuiteResult:
+              repeat: int, name: str = "engine") -> SuiteResult:
     """Images/s of three ways to classify ``images`` files from ``data`` (repeated to fill), median of ``repeat``."""
     files = [str(p.absolute()) for p in iter_images(data)]
     if not files:
@@ -37,8 +49,8 @@ def run_bench(engine: Engine, data: Path, *, images: int, batch_size: int, decod
 
     baseline()  # warm-up: page cache and the TorchScript executor
     result = SuiteResult(
-        "engine", "images/s",
-        f"engine: {len(paths)} images from {data}, model {engine.model_id}, device {engine.device}, "
+        name, "images/s",
+        f"{name}: {len(paths)} images from {data}, model {engine.model_id}, device {engine.device}, "
         f"torch threads {torch.get_num_threads()}, median of {repeat}",
         info={"images": len(paths)},
     )

@@ -70,7 +70,7 @@ def test_an_unknown_suite_is_a_usage_error() -> None:
     result = run_cli("bench", "--suite", "engine,gpu", timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "imgpipe: error: --suite 'engine,gpu': unknown suite gpu; valid: engine, enqueue, pipeline")
+        "imgpipe: error: --suite 'engine,gpu': unknown suite gpu; valid: engine, photos, enqueue, pipeline")
     with pytest.raises(ConfigError):
         parse_suites(",")
     assert parse_suites(" pipeline, engine ") == ["engine", "pipeline"]
