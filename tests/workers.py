@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import redis
 
 from imgpipe import keys
 from tests.conftest import REPO
+from worker.bench import stop_process_group
 
 READY = re.compile(r"imgpipe-\d+@\S+ ready\.")
 
@@ -59,20 +59,9 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM (Celery's warm shutdown), then SIGKILL if it does not end in time; returns the exit code."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                self.proc.wait(timeout=30)
-        else:  # the group leader is gone: make sure nothing of its group is left
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        code = stop_process_group(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 class Workers:

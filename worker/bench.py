@@ -66,18 +66,7 @@ class WorkerProcess:
         return int(match.group(1)) if match else None
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                self.proc.wait(timeout=30)
-        else:  # the group leader is gone: make sure nothing of its group is left
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process_group(self.proc, timeout)
         self._log.close()
 
     def __enter__(self) -> WorkerProcess:
@@ -86,6 +75,25 @@ class WorkerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM to a process started with ``start_new_session=True`` and its whole group (Celery's warm
+    shutdown), SIGKILL if it does not end within ``timeout``; returns the exit code. Nothing of the group is left.
+    """
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            proc.wait(timeout=30)
+    else:  # the group leader is gone: make sure nothing of its group is left
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return int(proc.returncode)
 
 
 def link_images(sources: list[Path], out: Path, count: int) -> list[str]:
