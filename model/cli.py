@@ -28,14 +28,19 @@ def load_engine(model: Path | None, device: str | None, topk: int | None, settin
 
 
 def expand_paths(inputs: tuple[str, ...]) -> Iterator[str]:
-    """Files as given (whatever their extension); folders scanned recursively for image files."""
+    """Files as given (whatever their extension); folders scanned recursively for image files.
+
+    Each absolute path comes out once, even when folders overlap or a file is also named directly, so that
+    every input path yields exactly one record.
+    """
+    seen: set[str] = set()
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            for found in iter_images(path):
-                yield str(found.absolute())
-        else:
-            yield str(path.absolute())  # missing files still get their one (error) record
+        found = (str(p.absolute()) for p in iter_images(path)) if path.is_dir() else iter([str(path.absolute())])
+        for name in found:  # a missing file still gets its one (error) record
+            if name not in seen:
+                seen.add(name)
+                yield name
 
 
 @click.command("demo-data")

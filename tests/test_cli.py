@@ -69,10 +69,14 @@ def test_classify_bad_files_give_error_records_and_exit_1(demo_data: Path, tmp_p
     for path in good:
         (folder / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "out.jsonl"
-    result = run_cli("classify", str(folder), str(bad["missing"]), "-o", str(out))
+    result = run_cli("classify", str(folder), str(bad["missing"]), str(folder / good[0].name), str(folder),
+                     "-o", str(out))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    records = {r["path"]: r for r in read_records(out)}
+    listed = read_records(out)
+    records = {r["path"]: r for r in listed}
+    # Overlapping inputs still give one record per path; "folder.png" is a folder, so not an input.
+    assert len(listed) == len(records) == 4 + len(bad) - 1
     assert {records[str(folder / p.name)]["label"] for p in good} == {"2"}
     for kind in ("truncated", "corrupt", "empty", "not_image", "missing"):
         assert records[str(bad[kind])]["status"] == "error", kind
