@@ -55,11 +55,11 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 class FolderDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """An ImageFolder-layout directory (``root/<label>/*.png``) decoded with the serving preset.
 
-    Small datasets are decoded once into memory; larger ones decode per access (DataLoader workers).
+    Small datasets are decoded once into memory (unless ``cache`` is False); larger ones decode per access.
     """
 
     def __init__(self, root: Path, preset: Preset, classes: list[str] | None = None,
-                 max_pixels: int = defaults.MAX_PIXELS) -> None:
+                 max_pixels: int = defaults.MAX_PIXELS, cache: bool = True) -> None:
         found = find_classes(root)
         self.root = root
         self.classes = classes or found
@@ -79,7 +79,7 @@ class FolderDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.int64)  # (N,)
         self._cache: torch.Tensor | None = None
         per_image = preset.channels * preset.input_size**2 * 4
-        if len(self.samples) * per_image <= CACHE_LIMIT_BYTES:
+        if cache and len(self.samples) * per_image <= CACHE_LIMIT_BYTES:
             self._cache = torch.stack([self._decode(i) for i in range(len(self.samples))])  # (N, C, H, W)
 
     def __len__(self) -> int:

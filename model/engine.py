@@ -7,7 +7,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,15 +44,6 @@ def _gpu_index(spec: str) -> int:
         return int(spec.split(":", 1)[1])
     except ValueError:
         raise ConfigError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N") from None
-
-
-@dataclass
-class Prediction:
-    topk: TopK
-
-    @property
-    def label(self) -> str:
-        return self.topk[0][0]
 
 
 class Engine:

@@ -152,7 +152,7 @@ def load(path: Path, device: torch.device | str = "cpu") -> tuple[torch.jit.Scri
         raise ModelFileError(f"{source}: {_describe_non_torchscript(path)}; export one with `imgpipe train`")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-    if not any(n.endswith("/code/__torch__.py") or "/code/" in n for n in names):
+    if not any("/code/" in n for n in names):
         raise ModelFileError(
             f"{source}: a zip archive without TorchScript code (a torch.save state dict?); "
             "imgpipe loads only TorchScript files it exported"

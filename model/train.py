@@ -125,7 +125,7 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
     if config.arch != "convnet" and channels != 3:
         channels = 3
     raw = Preset(input_size=config.input_size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
-    mean, std = channel_stats(FolderDataset(train_dir, raw, classes))
+    mean, std = channel_stats(FolderDataset(train_dir, raw, classes, cache=False))  # decodes only its sample
     preset = Preset(input_size=config.input_size, channels=channels, mean=mean, std=std)
     train_set = FolderDataset(train_dir, preset, classes)
     val_set = FolderDataset(val_dir, preset, classes)
@@ -191,7 +191,7 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
         preset=preset,
         val_accuracy=round(best_eval.accuracy, 6),
         extra={"best_epoch": best_epoch, "epochs": config.epochs, "train_images": len(train_set),
-               "val_images": len(val_set), "seed": config.seed, "config": _jsonable(asdict(config))},
+               "val_images": len(val_set), "seed": config.seed, "config": asdict(config)},
     )
     prefix = out.with_suffix("")
     files = write_report(best_eval, prefix, {"model": metadata.model_id, "best_epoch": best_epoch,
@@ -200,10 +200,3 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
     save_curves_png(history, curves)
     return TrainResult(metadata, best_eval, best_epoch, history, [out, *files, curves])
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
