@@ -48,38 +48,49 @@ class JobProgress:
     @classmethod
     def from_hash(cls, job_id: str, values: Sequence[Any]) -> JobProgress | None:
         """Build from HMGET values in ``_FIELDS`` order; None when the hash no longer exists."""
-        raw = dict(zip(_FIELDS, (_text(v) for v in values), strict=True))
+        raw = dict(zip(_FIELDS, (as_text(v) for v in values), strict=True))
         if all(v is None for v in raw.values()):
             return None
         return cls(
             job_id=job_id,
-            total=_int(raw["total"]),
-            done=_int(raw["done"]),
-            failed=_int(raw["failed"]),
-            created=_float(raw["created"]) or 0.0,
-            finished=_float(raw["finished"]),
+            total=as_int(raw["total"]),
+            done=as_int(raw["done"]),
+            failed=as_int(raw["failed"]),
+            created=as_float(raw["created"]) or 0.0,
+            finished=as_float(raw["finished"]),
             sealed=raw["sealed"] not in (None, "", "0"),
         )
+
+
+def recent_job_ids(client: Any, limit: int = MAX_JOBS_READ) -> list[str]:
+    """The newest ``limit`` job ids, newest first."""
+    return [as_text(j) or "" for j in client.zrevrange(keys.JOBS, 0, limit - 1)]
+
+
+def read_jobs_with(
+    client: Any, job_ids: Sequence[str], extra: Sequence[str] = ()
+) -> list[tuple[JobProgress, list[str | None]]]:
+    """Progress of ``job_ids`` plus the ``extra`` fields of each job's hash, in one pipelined round trip.
+
+    ``client`` is a ``redis.Redis``; jobs whose hash has expired are left out.
+    """
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), [*_FIELDS, *extra])
+    jobs = []
+    for job_id, values in zip(job_ids, pipe.execute(), strict=True):
+        job = JobProgress.from_hash(job_id, values[: len(_FIELDS)])
+        if job is not None:
+            jobs.append((job, [as_text(v) for v in values[len(_FIELDS) :]]))
+    return jobs
 
 
 def read_jobs(
     client: Any, job_ids: Sequence[str] | None = None, limit: int = MAX_JOBS_READ
 ) -> list[JobProgress]:
-    """Progress of ``job_ids`` (default: the newest ``limit`` jobs), in one pipelined round trip.
-
-    ``client`` is a ``redis.Redis``; jobs whose hash has expired are left out.
-    """
-    if job_ids is None:
-        job_ids = [_text(j) or "" for j in client.zrevrange(keys.JOBS, 0, limit - 1)]
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hmget(keys.job(job_id), _FIELDS)
-    jobs = []
-    for job_id, values in zip(job_ids, pipe.execute(), strict=True):
-        job = JobProgress.from_hash(job_id, values)
-        if job is not None:
-            jobs.append(job)
-    return jobs
+    """Progress of ``job_ids`` (default: the newest ``limit`` jobs); jobs whose hash has expired are left out."""
+    ids = recent_job_ids(client, limit) if job_ids is None else job_ids
+    return [job for job, _ in read_jobs_with(client, ids)]
 
 
 class RateWindow:
@@ -125,20 +136,23 @@ def drain_seconds(backlog: int, rate: float | None) -> float:
     return backlog / rate
 
 
-def _text(value: Any) -> str | None:
+def as_text(value: Any) -> str | None:
+    """A Redis reply value (bytes, str or None) as text."""
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _int(value: str | None) -> int:
+def as_int(value: str | None) -> int:
+    """A counter field as an int (0 when absent or malformed)."""
     try:
         return int(float(value)) if value else 0
     except ValueError:
         return 0
 
 
-def _float(value: str | None) -> float | None:
+def as_float(value: str | None) -> float | None:
+    """A timestamp field as a float (None when absent or malformed)."""
     try:
         return float(value) if value else None
     except ValueError:

@@ -14,7 +14,7 @@ import redis
 
 from imgpipe import keys
 from imgpipe.errors import ConfigError
-from imgpipe.progress import JobProgress, read_jobs
+from imgpipe.progress import JobProgress, as_float, read_jobs_with, recent_job_ids
 from imgpipe.records import Record
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -185,18 +185,14 @@ def job_statuses(
     client: redis.Redis, job_ids: Sequence[str] | None = None, limit: int = 100
 ) -> list[JobStatus]:
     """Status of ``job_ids`` (default: the newest ``limit`` jobs), newest first; expired jobs are left out."""
-    progresses = read_jobs(client, job_ids, limit=limit)
-    pipe = client.pipeline(transaction=False)
-    for progress in progresses:
-        pipe.hmget(keys.job(progress.job_id), ["kind", "started", "updated"])
+    ids = recent_job_ids(client, limit) if job_ids is None else list(job_ids)
     now = time.time()
-    statuses = []
-    for progress, (kind, started, updated) in zip(progresses, pipe.execute(), strict=True):
-        statuses.append(JobStatus(progress, _text(kind) or "batch", _float(started), _float(updated), now))
+    statuses = [
+        JobStatus(progress, kind or "batch", as_float(started), as_float(updated), now)
+        for progress, (kind, started, updated) in read_jobs_with(client, ids, ("kind", "started", "updated"))
+    ]
     if job_ids is None:
-        expired = set(_text(j) or "" for j in client.zrevrange(keys.JOBS, 0, limit - 1)) - {
-            s.job_id for s in statuses
-        }
+        expired = set(ids) - {s.job_id for s in statuses}
         if expired:
             client.zrem(keys.JOBS, *expired)
     return statuses
@@ -215,16 +211,3 @@ def iter_records(client: redis.Redis, job_id: str, count: int = 1000) -> Iterato
     for _path, raw in client.hscan_iter(keys.job_results(job_id), count=count):
         yield json.loads(raw)
 
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _float(value: Any) -> float | None:
-    text = _text(value)
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from imgpipe import keys
+from imgpipe.progress import as_text
 from imgpipe.records import Record
 from producer.jobs import FINISH_IF_COMPLETE_LUA
 
@@ -79,7 +80,7 @@ class ResultStore:
         count, error, _, exists = replies[:4]
         existing = replies[4] if paths else []
         todo = [path for path, record in zip(paths, existing, strict=True) if record is None]
-        return Delivery(int(count), _text(error), bool(exists), todo)
+        return Delivery(int(count), as_text(error), bool(exists), todo)
 
     def note_failure(self, message_id: str, error: str) -> None:
         """Remember why this delivery failed: the dead-letter entry says so if the message never succeeds."""
@@ -116,8 +117,3 @@ class ResultStore:
             return None
         return [records[int(i)] for i in reply[1:]]
 
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
