@@ -22,6 +22,8 @@ from imgpipe.scratch_redis import ScratchRedisError, scratch_redis
 from imgpipe.settings import Settings
 
 SUITES = ("engine", "photos", "enqueue", "pipeline")
+# Suites that need the scratch redis-server (skipped without one).
+REDIS_SUITES = ("enqueue", "pipeline")
 
 
 class BenchError(ImgpipeError):
@@ -95,7 +97,7 @@ def parse_suites(text: str) -> list[str]:
 @click.command()
 @click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--suite", "suites", default=",".join(SUITES), show_default=True,
-              help="Comma-separated suites to run: engine, enqueue, pipeline.")
+              help=f"Comma-separated suites to run: {', '.join(SUITES)}.")
 @click.option("--images", default=2000, show_default=True, type=click.IntRange(min=1),
               help="engine: images per measurement (inputs repeat to fill).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
@@ -143,7 +145,7 @@ def bench(data: Path | None, suites: str, images: int, batch_size: int, decode_t
         run = _Run(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-bench-"))), settings,
                    options)
         for suite in chosen:
-            if suite not in ("engine", "photos") and run.redis_url is None:
+            if suite in REDIS_SUITES and run.redis_url is None:
                 try:
                     run.redis_url = stack.enter_context(scratch_redis(run.tmp / "redis"))
                 except ScratchRedisError as exc:
@@ -197,22 +199,17 @@ class _Run:
 
     def suite(self, name: str) -> SuiteResult:
         o = self.options
-        if name == "engine":
-            from model.bench import run_bench
-            from model.cli import load_engine
-
-            engine = load_engine(o.model, o.device, None, self.settings)
-            data = o.data if o.data is not None else self.images() / "val"
-            return run_bench(engine, data, images=o.images, batch_size=o.batch_size,
-                             decode_threads=o.decode_threads, repeat=o.repeat)
-        if name == "photos":
+        if name in ("engine", "photos"):
             from model.bench import run_bench, write_photos
             from model.cli import load_engine
 
             engine = load_engine(o.model, o.device, None, self.settings)
-            photos = write_photos(self.tmp / "photos", count=min(100, o.images))
-            return run_bench(engine, photos, images=max(1, o.images // 5), batch_size=o.batch_size,
-                             decode_threads=o.decode_threads, repeat=o.repeat, name="photos")
+            if name == "engine":
+                data, images = (o.data if o.data is not None else self.images() / "val"), o.images
+            else:  # photo-sized JPEGs, where decoding dominates; fewer, as each costs ~30x a digit
+                data, images = write_photos(self.tmp / "photos", count=min(100, o.images)), max(1, o.images // 5)
+            return run_bench(engine, data, images=images, batch_size=o.batch_size,
+                             decode_threads=o.decode_threads, repeat=o.repeat, name=name)
         if self.redis_url is None:
             raise BenchError(f"the {name} suite needs the scratch Redis")
         if name == "enqueue":
