@@ -106,3 +106,16 @@ def make_celery(main: str, redis: RedisSettings) -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(redis))
     return app
+
+
+def publish(app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None) -> None:
+    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths) by task name."""
+    app.send_task(
+        keys.TASK_CLASSIFY,
+        args=[job_id, paths],
+        task_id=message_id,
+        producer=producer,
+        # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
+        argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
+        kwargsrepr="{}",
+    )

@@ -14,17 +14,17 @@ from imgpipe.errors import ConfigError
 # name -> "module:attribute" of a click command. Loaded only when named (or listed by --help), so
 # `imgpipe enqueue` on a producer host imports neither torch nor the worker.
 COMMANDS: dict[str, str] = {
-    "demo-data": "model.cli:demo_data",
-    "train": "model.cli:train",
-    "evaluate": "model.cli:evaluate",
-    "classify": "model.cli:classify",
-    "bench": "imgpipe.bench:bench",
-    "worker": "worker.cli:worker",
-    "exporter": "worker.exporter:exporter",
-    "enqueue": "producer.cli:enqueue",
-    "watch": "producer.cli:watch",
-    "status": "producer.cli:status",
-    "results": "producer.cli:results",
+    "demo-data": "imgpipe.model.cli:demo_data",
+    "train": "imgpipe.model.cli:train",
+    "evaluate": "imgpipe.model.cli:evaluate",
+    "classify": "imgpipe.model.cli:classify",
+    "bench": "imgpipe.bench.cli:bench",
+    "worker": "imgpipe.worker.cli:worker",
+    "exporter": "imgpipe.worker.exporter:exporter",
+    "enqueue": "imgpipe.producer.cli:enqueue",
+    "watch": "imgpipe.producer.cli:watch",
+    "status": "imgpipe.producer.cli:status",
+    "results": "imgpipe.producer.cli:results",
 }
 
 

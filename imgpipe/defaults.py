@@ -35,6 +35,12 @@ STATUS_REFRESH_S = 0.5
 METRICS_BIND = "0.0.0.0"
 # Port of `imgpipe exporter`'s /metrics (queue depth, backlog, drain time).
 EXPORTER_PORT = 9808
+# File name of the demo model bundled in imgpipe.model.assets (used when IMGPIPE_MODEL is not set).
+BUNDLED_MODEL = "digits-cnn.pt"
+# Seconds between a worker's heartbeats in the registry (imgpipe/registry.py).
+HEARTBEAT_INTERVAL_S = 2.0
+# Seconds a heartbeat lives: a worker silent this long is taken for dead.
+HEARTBEAT_TTL_S = 10.0
 # Labels returned per image.
 TOPK = 3
 # Days a job's records and counters are kept in Redis.

@@ -13,6 +13,8 @@ JOBS = f"{PREFIX}:jobs"
 PENDING_JOBS = f"{PREFIX}:pending-jobs"
 # Lock so that one worker at a time looks for lost messages (value: who holds it; expires by itself).
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+# Sorted set of worker ids, scored by their latest heartbeat (epoch seconds); see imgpipe/registry.py.
+WORKERS = f"{PREFIX}:workers"
 # Dead-lettered messages: list of JSON {"job", "message_id", "paths", "reason", "deliveries", "at"}.
 DEAD_LETTER = f"{PREFIX}:deadletter"
 
@@ -37,3 +39,8 @@ def job_pending(job_id: str) -> str:
 def deliveries(message_id: str) -> str:
     """Hash: count (times one message was started) and error (why the last start failed), for dead-lettering."""
     return f"{PREFIX}:deliveries:{message_id}"
+
+
+def worker(worker_id: str) -> str:
+    """String (JSON WorkerInfo) with a short TTL, refreshed by the worker's heartbeat; gone when it dies."""
+    return f"{PREFIX}:worker:{worker_id}"

@@ -76,8 +76,21 @@ def scratch_redis(workdir: Path | None = None, binary: str | None = None, timeou
             port = free_port()
             try:
                 proc = subprocess.Popen(
-                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                     "--dir", str(workdir), "--logfile", str(log)],
+                    [
+                        binary,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(workdir),
+                        "--logfile",
+                        str(log),
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

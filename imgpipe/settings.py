@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +121,9 @@ class Settings:
 
 
 def default_model_path() -> Path:
-    """The demo CNN shipped inside the ``model`` package (trained by ``imgpipe train`` on the demo data)."""
-    return Path(__file__).resolve().parent.parent / "model" / "assets" / "digits-cnn.pt"
+    """The demo CNN shipped as package data of ``imgpipe.model.assets`` (trained by ``imgpipe train`` on the
+    demo data); found through importlib.resources, so it works from a wheel, an editable install or a zip."""
+    return Path(str(resources.files("imgpipe.model.assets").joinpath(defaults.BUNDLED_MODEL)))
 
 
 class _Reader:

@@ -11,24 +11,27 @@ from typing import IO, Any
 import click
 
 from imgpipe.errors import ConfigError
+from imgpipe.model.data import iter_images
 from imgpipe.records import RecordWriter, format_for
+from imgpipe.scan import scan
 from imgpipe.settings import Settings
-from model.data import iter_images
 
 ENV_NOTE = "Environment: IMGPIPE_MODEL, IMGPIPE_DEVICE, IMGPIPE_MAX_BATCH, IMGPIPE_DECODE_THREADS, IMGPIPE_TOPK."
 
 
 def load_engine(model: Path | None, device: str | None, topk: int | None, settings: Settings) -> Any:
     """The engine for a model file (default: IMGPIPE_MODEL or the bundled one), with the security settings."""
-    from model.engine import Engine
+    from imgpipe.model.engine import Engine
 
     path = model or settings.model.resolved_path()
-    return Engine.load(path, device or settings.model.device, topk=topk or settings.model.topk,
-                       security=settings.security)
+    return Engine.load(
+        path, device or settings.model.device, topk=topk or settings.model.topk, security=settings.security
+    )
 
 
 def expand_paths(inputs: tuple[str, ...]) -> Iterator[str]:
-    """Files as given (whatever their extension); folders scanned recursively for image files.
+    """Files as given (whatever their extension); folders scanned by the one scanner (imgpipe.scan), so that
+    classify finds exactly the files enqueue would.
 
     Each absolute path comes out once, even when folders overlap or a file is also named directly, so that
     every input path yields exactly one record.
@@ -36,7 +39,7 @@ def expand_paths(inputs: tuple[str, ...]) -> Iterator[str]:
     seen: set[str] = set()
     for item in inputs:
         path = Path(item)
-        found = (str(p.absolute()) for p in iter_images(path)) if path.is_dir() else iter([str(path.absolute())])
+        found = scan(path) if path.is_dir() else iter([str(path.absolute())])
         for name in found:  # a missing file still gets its one (error) record
             if name not in seen:
                 seen.add(name)
@@ -53,7 +56,7 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
     The data are the 1,797 real handwritten digits (8x8 scans from UCI) that scikit-learn ships inside
     its package: nothing is downloaded.
     """
-    from model.data import write_demo_dataset
+    from imgpipe.model.data import write_demo_dataset
 
     if not 0 < val_fraction < 1:
         raise ConfigError("--val-fraction must be between 0 and 1")
@@ -63,16 +66,36 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
 
 @click.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Model file to write (TorchScript with metadata). A report is written next to it.")
-@click.option("--arch", default="convnet", show_default=True,
-              type=click.Choice(["convnet", "resnet18", "mobilenet_v3_small"]), help="Network architecture.")
-@click.option("--widths", default="32,64,128", show_default=True,
-              help="convnet: channels of each conv block (one max-pool per block).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Model file to write (TorchScript with metadata). A report is written next to it.",
+)
+@click.option(
+    "--arch",
+    default="convnet",
+    show_default=True,
+    type=click.Choice(["convnet", "resnet18", "mobilenet_v3_small"]),
+    help="Network architecture.",
+)
+@click.option(
+    "--widths",
+    default="32,64,128",
+    show_default=True,
+    help="convnet: channels of each conv block (one max-pool per block).",
+)
 @click.option("--convs-per-block", default=2, show_default=True, help="convnet: conv layers per block.")
 @click.option("--input-size", default=32, show_default=True, help="Network input is SIZE x SIZE.")
-@click.option("--channels", type=click.Choice(["auto", "1", "3"]), default="auto", show_default=True,
-              help="1 grayscale, 3 RGB; auto looks at the training images.")
+@click.option(
+    "--channels",
+    type=click.Choice(["auto", "1", "3"]),
+    default="auto",
+    show_default=True,
+    help="1 grayscale, 3 RGB; auto looks at the training images.",
+)
 @click.option("--epochs", default=30, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (one-cycle schedule, AdamW).")
@@ -80,23 +103,47 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--name", default=None, help="Model name in records (default: the output file's stem).")
-def train(data: Path, out: Path, arch: str, widths: str, convs_per_block: int, input_size: int, channels: str,
-          epochs: int, batch_size: int, lr: float, hflip: bool, seed: int, device: str, name: str | None) -> None:
+def train(
+    data: Path,
+    out: Path,
+    arch: str,
+    widths: str,
+    convs_per_block: int,
+    input_size: int,
+    channels: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    hflip: bool,
+    seed: int,
+    device: str,
+    name: str | None,
+) -> None:
     """Train the CNN on DATA/train/<label>/ and DATA/val/<label>/ (torchvision ImageFolder layout).
 
     Keeps the epoch with the best validation accuracy and writes MODEL plus MODEL-stem.report.json,
     .confusion.png and .curves.png next to it.
     """
-    from model.train import Augment, TrainConfig
-    from model.train import train as run_training
+    from imgpipe.model.train import Augment, TrainConfig
+    from imgpipe.model.train import train as run_training
 
     try:
         width_tuple = tuple(int(w) for w in widths.split(","))
     except ValueError:
         raise ConfigError(f"--widths {widths!r}: expected comma-separated integers like 32,64,128") from None
-    config = TrainConfig(arch=arch, widths=width_tuple, convs_per_block=convs_per_block, input_size=input_size,
-                         channels=None if channels == "auto" else int(channels), epochs=epochs,
-                         batch_size=batch_size, lr=lr, seed=seed, device=device, augment=Augment(hflip=hflip))
+    config = TrainConfig(
+        arch=arch,
+        widths=width_tuple,
+        convs_per_block=convs_per_block,
+        input_size=input_size,
+        channels=None if channels == "auto" else int(channels),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        augment=Augment(hflip=hflip),
+    )
     result = run_training(data, out, config, name=name, progress=sys.stderr.isatty())
     click.echo(result.evaluation.summary(), err=True)
     click.echo(f"best epoch {result.best_epoch}/{epochs}: val accuracy {result.evaluation.accuracy:.4f}", err=True)
@@ -108,8 +155,13 @@ def train(data: Path, out: Path, arch: str, widths: str, convs_per_block: int, i
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--report", "prefix", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write PREFIX.report.json and PREFIX.confusion.png (default: MODEL-stem.eval in this folder).")
+@click.option(
+    "--report",
+    "prefix",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write PREFIX.report.json and PREFIX.confusion.png (default: MODEL-stem.eval in this folder).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
 def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | None, batch_size: int | None) -> None:
@@ -119,13 +171,14 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     """
     import torch
 
-    from model.data import find_classes
-    from model.evaluate import confusion_stats, write_report
+    from imgpipe.model.data import find_classes
+    from imgpipe.model.evaluate import confusion_stats, write_report
 
     settings = Settings.from_env()
     engine = load_engine(model_path, device, None, settings)
-    root = data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} \
-        else data
+    root = (
+        data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} else data
+    )
     classes = find_classes(root)
     unknown = sorted(set(classes) - set(engine.labels))
     if unknown:
@@ -133,8 +186,9 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     index = {label: i for i, label in enumerate(engine.labels)}
     paths = [str(p.absolute()) for c in classes for p in iter_images(root / c)]
     targets, predictions, failed = [], [], 0
-    for record in engine.classify(paths, batch_size=batch_size or settings.batch.max_batch,
-                                  decode_threads=settings.batch.decode_threads):
+    for record in engine.classify(
+        paths, batch_size=batch_size or settings.batch.max_batch, decode_threads=settings.batch.decode_threads
+    ):
         if record["status"] != "ok":
             failed += 1
             continue
@@ -153,19 +207,46 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
 
 @click.command(epilog=ENV_NOTE)
 @click.argument("paths", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write records to FILE (.jsonl or .csv); stdout when omitted.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
-              help="Record format (default: from the output file's extension, JSONL on stdout).")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Model file [env IMGPIPE_MODEL; default: the bundled demo digits CNN].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write records to FILE (.jsonl or .csv); stdout when omitted.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv"]),
+    default=None,
+    help="Record format (default: from the output file's extension, JSONL on stdout).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model file [env IMGPIPE_MODEL; default: the bundled demo digits CNN].",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env IMGPIPE_DEVICE; default auto].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per inference batch [env IMGPIPE_MAX_BATCH; default 64].")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per inference batch [env IMGPIPE_MAX_BATCH; default 64].",
+)
 @click.option("--topk", type=click.IntRange(min=1), default=None, help="Labels per record [env IMGPIPE_TOPK].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def classify(paths: tuple[str, ...], output: Path | None, fmt: str | None, model_path: Path | None,
-             device: str | None, batch_size: int | None, topk: int | None, progress: bool | None) -> None:
+def classify(
+    paths: tuple[str, ...],
+    output: Path | None,
+    fmt: str | None,
+    model_path: Path | None,
+    device: str | None,
+    batch_size: int | None,
+    topk: int | None,
+    progress: bool | None,
+) -> None:
     """Classify image files and folders in-process (no Redis): the embedded default.
 
     Folders are scanned recursively for image files. One record per input: label, score and top-k,
@@ -185,8 +266,9 @@ def classify(paths: tuple[str, ...], output: Path | None, fmt: str | None, model
     start = time.perf_counter()
     try:
         writer = RecordWriter(stream, fmt)
-        for record in engine.classify(inputs, batch_size=batch, decode_threads=settings.batch.decode_threads,
-                                      on_batch=bar.update):
+        for record in engine.classify(
+            inputs, batch_size=batch, decode_threads=settings.batch.decode_threads, on_batch=bar.update
+        ):
             writer.write(record)
             stats.add(record)
     finally:
@@ -218,11 +300,12 @@ class Summary:
 
     def line(self, elapsed: float, model: str, device: Any, output: Path | None) -> str:
         total = self.ok + self.failed
-        text = (f"classified {total} images ({self.ok} ok, {self.failed} failed) in {elapsed:.2f}s, "
-                f"{total / max(elapsed, 1e-9):.0f} images/s on {device} with {model}")
+        text = (
+            f"classified {total} images ({self.ok} ok, {self.failed} failed) in {elapsed:.2f}s, "
+            f"{total / max(elapsed, 1e-9):.0f} images/s on {device} with {model}"
+        )
         if self.known:
-            text += (f"; accuracy {self.correct / self.known:.2%} on {self.known} images whose folder names "
-                     "their label")
+            text += f"; accuracy {self.correct / self.known:.2%} on {self.known} images whose folder names their label"
         if output:
             text += f"; records in {output}"
         return text

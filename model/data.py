@@ -11,8 +11,9 @@ from PIL import Image
 
 from imgpipe import defaults
 from imgpipe.errors import ConfigError, ImageError
+from imgpipe.model.preprocess import Preset, decode_image
 from imgpipe.safety import read_bounded
-from model.preprocess import Preset, decode_image
+from imgpipe.scan import scan
 
 SPLITS = ("train", "val")
 
@@ -42,10 +43,9 @@ def write_demo_dataset(out: Path, val_fraction: float = 0.2, seed: int = 0) -> d
 
 
 def iter_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` (recursive), sorted, by extension."""
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in defaults.IMAGE_EXTENSIONS and path.is_file():
-            yield path
+    """Image files under ``root`` as the one scanner finds them (imgpipe.scan: recursive, name order)."""
+    for path in scan(root):
+        yield Path(path)
 
 
 # Decoded datasets up to this size are held in memory (decoded once, not once per epoch).
@@ -58,8 +58,14 @@ class FolderDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     Small datasets are decoded once into memory (unless ``cache`` is False); larger ones decode per access.
     """
 
-    def __init__(self, root: Path, preset: Preset, classes: list[str] | None = None,
-                 max_pixels: int = defaults.MAX_PIXELS, cache: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        preset: Preset,
+        classes: list[str] | None = None,
+        max_pixels: int = defaults.MAX_PIXELS,
+        cache: bool = True,
+    ) -> None:
         found = find_classes(root)
         self.root = root
         self.classes = classes or found

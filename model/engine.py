@@ -11,39 +11,22 @@ from pathlib import Path
 
 import torch
 
-from imgpipe.errors import ConfigError, ImageError
+from imgpipe.devices import parse_device
+from imgpipe.errors import ImageError
+from imgpipe.model import export
+from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
 from imgpipe.safety import confine, read_bounded
 from imgpipe.settings import SecuritySettings
-from model import export
-from model.preprocess import Preset, decode_image, stack
 
 TopK = list[tuple[str, float]]
 
 
 def select_device(spec: str) -> torch.device:
-    """``auto`` (first GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; ConfigError if unavailable."""
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} requested but no CUDA GPU is visible; valid: auto, cpu")
-        index = 0 if spec == "cuda" else _gpu_index(spec)
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise ConfigError(f"device {spec!r}: this host has {count} GPU(s), cuda:0..cuda:{count - 1}")
-        return torch.device("cuda", index)
-    raise ConfigError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N")
-
-
-def _gpu_index(spec: str) -> int:
-    try:
-        return int(spec.split(":", 1)[1])
-    except ValueError:
-        raise ConfigError(f"unknown device {spec!r}; valid: auto, cpu, cuda, cuda:N") from None
+    """``auto`` (first GPU if any, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (imgpipe.devices); ConfigError
+    if that device is not on this host."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(parse_device(spec).resolve(gpus))
 
 
 class Engine:
@@ -122,8 +105,10 @@ class Engine:
             top_p, top_i = probs.topk(self.topk, dim=1)  # (B, k)
             values: list[list[float]] = top_p.cpu().tolist()
             indices: list[list[int]] = top_i.cpu().tolist()
-        return [[(self.labels[i], p) for i, p in zip(idx, val, strict=True)]
-                for idx, val in zip(indices, values, strict=True)]
+        return [
+            [(self.labels[i], p) for i, p in zip(idx, val, strict=True)]
+            for idx, val in zip(indices, values, strict=True)
+        ]
 
     def records_for(self, paths: Sequence[str], tensors: Sequence[torch.Tensor | ImageError]) -> list[Record]:
         """One record per path: errors as error records, the rest predicted as one batch."""

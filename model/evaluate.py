@@ -28,15 +28,18 @@ class Evaluation:
 
     def summary(self) -> str:
         loss = "" if math.isnan(self.loss) else f" (loss {self.loss:.4f})"
-        lines = [f"accuracy {self.accuracy:.4f} on {self.count} images{loss}",
-                 f"{'class':>12} {'precision':>9} {'recall':>7}"]
+        lines = [
+            f"accuracy {self.accuracy:.4f} on {self.count} images{loss}",
+            f"{'class':>12} {'precision':>9} {'recall':>7}",
+        ]
         for name, p, r in zip(self.classes, self.precision, self.recall, strict=True):
             lines.append(f"{name:>12} {p:9.4f} {r:7.4f}")
         return "\n".join(lines)
 
 
-def confusion_stats(targets: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str],
-                    loss: float = float("nan")) -> Evaluation:
+def confusion_stats(
+    targets: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str], loss: float = float("nan")
+) -> Evaluation:
     """(N,) true and predicted class indices -> accuracy, precision, recall, confusion matrix."""
     k = len(classes)
     cm = torch.bincount(targets * k + predictions, minlength=k * k).reshape(k, k)  # (true, predicted)
@@ -54,8 +57,9 @@ def confusion_stats(targets: torch.Tensor, predictions: torch.Tensor, classes: S
     )
 
 
-def evaluate(net: nn.Module, loader: torch.utils.data.DataLoader[Any], classes: Sequence[str],
-             device: torch.device) -> Evaluation:
+def evaluate(
+    net: nn.Module, loader: torch.utils.data.DataLoader[Any], classes: Sequence[str], device: torch.device
+) -> Evaluation:
     """Run ``net`` over ``loader`` of (images, targets) batches without gradients."""
     net.eval()
     total_loss, targets, predictions = 0.0, [], []
@@ -90,8 +94,15 @@ def save_confusion_png(evaluation: Evaluation, path: Path, title: str = "Confusi
         for i in range(k):
             for j in range(k):
                 if cm[i][j]:
-                    ax.text(j, i, str(cm[i][j]), ha="center", va="center", fontsize=8,
-                            color="white" if cm[i][j] > peak / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i][j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if cm[i][j] > peak / 2 else "black",
+                    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

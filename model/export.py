@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from imgpipe.errors import ModelFileError
-from model import jit
-from model.preprocess import Preset
+from imgpipe.model import jit
+from imgpipe.model.preprocess import Preset
 
 METADATA_FILE = "imgpipe.json"
 METADATA_VERSION = 1

@@ -16,12 +16,12 @@ from torch import nn
 from tqdm import tqdm
 
 from imgpipe.errors import ConfigError
-from model import export
-from model.data import FolderDataset, find_classes, iter_images
-from model.engine import select_device
-from model.evaluate import Evaluation, evaluate, save_curves_png, write_report
-from model.net import build_model
-from model.preprocess import Preset
+from imgpipe.model import export
+from imgpipe.model.data import FolderDataset, find_classes, iter_images
+from imgpipe.model.engine import select_device
+from imgpipe.model.evaluate import Evaluation, evaluate, save_curves_png, write_report
+from imgpipe.model.net import build_model
+from imgpipe.model.preprocess import Preset
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,9 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
     if not train_set.cached:
         loader_args.update(num_workers=2, persistent_workers=True)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, drop_last=False,
-                                               **loader_args)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=True, generator=generator, drop_last=False, **loader_args
+    )
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
 
     net = build_model(config.arch, len(classes), channels, **config.arch_config()).to(device)
@@ -175,8 +176,9 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
         if (val.accuracy, -val.loss) > (best[0], -best[1]):
             best, best_epoch, best_eval = (val.accuracy, val.loss), epoch, val
             best_state = copy.deepcopy(net.state_dict())
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val.accuracy:.4f}",
-                        best=f"{best[0]:.4f}@{best_epoch}")
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.3f}", val_acc=f"{val.accuracy:.4f}", best=f"{best[0]:.4f}@{best_epoch}"
+        )
     bar.close()
     assert best_eval is not None
 
@@ -190,13 +192,17 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
         labels=classes,
         preset=preset,
         val_accuracy=round(best_eval.accuracy, 6),
-        extra={"best_epoch": best_epoch, "epochs": config.epochs, "train_images": len(train_set),
-               "val_images": len(val_set), "seed": config.seed, "config": asdict(config)},
+        extra={
+            "best_epoch": best_epoch,
+            "epochs": config.epochs,
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "seed": config.seed,
+            "config": asdict(config),
+        },
     )
     prefix = out.with_suffix("")
-    files = write_report(best_eval, prefix, {"model": metadata.model_id, "best_epoch": best_epoch,
-                                             "history": history})
+    files = write_report(best_eval, prefix, {"model": metadata.model_id, "best_epoch": best_epoch, "history": history})
     curves = prefix.with_name(prefix.name + ".curves.png")
     save_curves_png(history, curves)
     return TrainResult(metadata, best_eval, best_epoch, history, [out, *files, curves])
-

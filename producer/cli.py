@@ -20,15 +20,17 @@ from tqdm import tqdm
 from imgpipe import defaults
 from imgpipe.broker import redis_client
 from imgpipe.errors import ConfigError
+from imgpipe.jobs import JobStatus, create_job, iter_records, job_status, job_statuses, seal_job
+from imgpipe.producer.enqueue import Enqueuer, producer_app
+from imgpipe.producer.watch import Watcher
 from imgpipe.records import FORMATS, RecordWriter, format_for
+from imgpipe.scan import scan_all
 from imgpipe.settings import Settings
-from producer.enqueue import Enqueuer, producer_app
-from producer.jobs import JobStatus, create_job, iter_records, job_status, job_statuses, seal_job
-from producer.scan import scan_all
-from producer.watch import Watcher
 
 redis_url_option = click.option(
-    "--redis-url", envvar="IMGPIPE_REDIS_URL", show_envvar=True,
+    "--redis-url",
+    envvar="IMGPIPE_REDIS_URL",
+    show_envvar=True,
     help="Broker and result store.  [default: redis://localhost:6379/0]",
 )
 
@@ -48,13 +50,18 @@ def _say(message: str) -> None:
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create (letters, digits, . _ -).  [default: time-based]")
-@click.option("--chunk-size", type=click.IntRange(min=1), envvar="IMGPIPE_CHUNK_SIZE", show_envvar=True,
-              help=f"Paths per queue message.  [default: {defaults.CHUNK_SIZE}]")
-@click.option("--wait", is_flag=True,
-              help="Show progress and exit when the job is done (exit 1 if any image failed).")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    envvar="IMGPIPE_CHUNK_SIZE",
+    show_envvar=True,
+    help=f"Paths per queue message.  [default: {defaults.CHUNK_SIZE}]",
+)
+@click.option("--wait", is_flag=True, help="Show progress and exit when the job is done (exit 1 if any image failed).")
 @redis_url_option
-def enqueue(paths: tuple[Path, ...], job_id: str | None, chunk_size: int | None, wait: bool,
-            redis_url: str | None) -> None:
+def enqueue(
+    paths: tuple[Path, ...], job_id: str | None, chunk_size: int | None, wait: bool, redis_url: str | None
+) -> None:
     """Scan folders (recursively) for images, create a job and enqueue them; prints the job id.
 
     Files named directly are enqueued whatever their extension. Workers must be able to read the paths:
@@ -85,10 +92,14 @@ def enqueue(paths: tuple[Path, ...], job_id: str | None, chunk_size: int | None,
     if len(skipped) > 10:
         _say(f"... and {len(skipped) - 10} more unreadable folders")
     if enqueuer.images == 0:
-        _say(f"no image files found under {', '.join(map(str, paths))} (extensions: "
-             f"{' '.join(defaults.IMAGE_EXTENSIONS)})")
-    _say(f"job {job_id}: enqueued {enqueuer.images} images in {enqueuer.messages} messages "
-         f"({enqueuer.images / elapsed:,.0f} paths/s)")
+        _say(
+            f"no image files found under {', '.join(map(str, paths))} (extensions: "
+            f"{' '.join(defaults.IMAGE_EXTENSIONS)})"
+        )
+    _say(
+        f"job {job_id}: enqueued {enqueuer.images} images in {enqueuer.messages} messages "
+        f"({enqueuer.images / elapsed:,.0f} paths/s)"
+    )
     if wait:
         status = _follow(client, job_id)
         _say(_summary(status))
@@ -99,13 +110,15 @@ def enqueue(paths: tuple[Path, ...], job_id: str | None, chunk_size: int | None,
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create.  [default: time-based]")
 @click.option("--existing", is_flag=True, help="Also enqueue the images already in DIRECTORY.")
-@click.option("--settle-ms", type=click.IntRange(min=0), envvar="IMGPIPE_WATCH_SETTLE_MS", show_envvar=True,
-              help="Quiet time before a file without a close event counts as written.  "
-                   f"[default: {defaults.WATCH_SETTLE_MS}]")
+@click.option(
+    "--settle-ms",
+    type=click.IntRange(min=0),
+    envvar="IMGPIPE_WATCH_SETTLE_MS",
+    show_envvar=True,
+    help=f"Quiet time before a file without a close event counts as written.  [default: {defaults.WATCH_SETTLE_MS}]",
+)
 @redis_url_option
-def watch(
-    directory: Path, job_id: str | None, existing: bool, settle_ms: int | None, redis_url: str | None
-) -> None:
+def watch(directory: Path, job_id: str | None, existing: bool, settle_ms: int | None, redis_url: str | None) -> None:
     """Streaming: enqueue each new image file under DIRECTORY once it is completely written, until stopped.
 
     Prints the job id; one message per image, which workers batch together. Ctrl-C (or SIGTERM) stops it,
@@ -129,6 +142,7 @@ def watch(
     def stream() -> None:
         try:
             with Enqueuer(client, app, job_id, chunk_size=1, ttl_seconds=ttl) as single:
+
                 def send(path: str) -> None:
                     single.add([path])
 
@@ -180,8 +194,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @click.argument("job_id", metavar="[JOB]", required=False)
 @click.option("--watch", "live", is_flag=True, help="Keep refreshing (a progress bar for one job).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job instead of text.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Jobs listed without JOB.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Jobs listed without JOB.")
 @redis_url_option
 def status(job_id: str | None, live: bool, as_json: bool, limit: int, redis_url: str | None) -> None:
     """Job progress: total, done, failed, rate and ETA; every recent job when no JOB is given."""
@@ -211,10 +224,13 @@ def status(job_id: str | None, live: bool, as_json: bool, limit: int, redis_url:
 
 @click.command()
 @click.argument("job_id", metavar="JOB")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="File to write (.jsonl or .csv); stdout when omitted.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS),
-              help="Output format.  [default: from the extension]")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (.jsonl or .csv); stdout when omitted.",
+)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format.  [default: from the extension]")
 @redis_url_option
 def results(job_id: str, output: Path | None, fmt: str | None, redis_url: str | None) -> None:
     """Export a job's records (one per image, in no particular order) as JSONL or CSV."""
@@ -271,9 +287,15 @@ def _rate(rate: float | None) -> str:
 def _describe(job: JobStatus) -> str:
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.progress.created))
     rows = [
-        ("job", job.job_id), ("state", job.state), ("kind", job.kind), ("total", str(job.total)),
-        ("done", str(job.done)), ("failed", str(job.failed)), ("rate", _rate(job.rate)),
-        ("eta", _duration(job.eta)), ("created", created),
+        ("job", job.job_id),
+        ("state", job.state),
+        ("kind", job.kind),
+        ("total", str(job.total)),
+        ("done", str(job.done)),
+        ("failed", str(job.failed)),
+        ("rate", _rate(job.rate)),
+        ("eta", _duration(job.eta)),
+        ("created", created),
     ]
     return "\n".join(f"{name:<8} {value}" for name, value in rows)
 
@@ -284,6 +306,8 @@ def _table(jobs: list[JobStatus]) -> str:
     header = f"{'JOB':<26} {'STATE':<10} {'TOTAL':>9} {'DONE':>9} {'FAILED':>7} {'RATE':>11} {'ETA':>9}"
     lines = [header]
     for job in jobs:
-        lines.append(f"{job.job_id:<26} {job.state:<10} {job.total:>9} {job.done:>9} {job.failed:>7} "
-                     f"{_rate(job.rate):>11} {_duration(job.eta):>9}")
+        lines.append(
+            f"{job.job_id:<26} {job.state:<10} {job.total:>9} {job.done:>9} {job.failed:>7} "
+            f"{_rate(job.rate):>11} {_duration(job.eta):>9}"
+        )
     return "\n".join(lines)

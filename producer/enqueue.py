@@ -14,10 +14,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from imgpipe import keys
-from imgpipe.broker import make_celery
+from imgpipe.broker import make_celery, publish
+from imgpipe.jobs import add_pending, add_to_total
 from imgpipe.settings import RedisSettings
-from producer.jobs import add_pending, add_to_total
 
 # Messages published per Redis round trip (each group first raises the job's total, then is published).
 GROUP_MESSAGES = 128
@@ -26,19 +25,6 @@ GROUP_MESSAGES = 128
 def producer_app(settings: RedisSettings) -> Celery:
     """The producer's Celery app: broker and serializer settings only, no tasks registered."""
     return make_celery("imgpipe-producer", settings)
-
-
-def publish(app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None) -> None:
-    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths) by task name."""
-    app.send_task(
-        keys.TASK_CLASSIFY,
-        args=[job_id, paths],
-        task_id=message_id,
-        producer=producer,
-        # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
-        argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
-        kwargsrepr="{}",
-    )
 
 
 def chunked(paths: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -19,7 +19,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from imgpipe import defaults
-from producer.scan import is_image_name, scan
+from imgpipe.scan import is_image_name, scan
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from imgpipe.procs import imgpipe_argv
 from imgpipe.scratch_redis import ScratchRedisError, find_redis_server, scratch_redis
 from imgpipe.scratch_redis import free_port as free_port  # re-exported: tests import it from here
 
@@ -56,11 +56,12 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `imgpipe ARGS...` as a user would (a subprocess), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "imgpipe", *args],
+        imgpipe_argv(*args),
         capture_output=True,
         text=True,
         timeout=timeout,

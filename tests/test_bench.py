@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from imgpipe.bench import SuiteResult, parse_suites
+from imgpipe.bench.cli import SuiteResult, parse_suites
 from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import scratch_redis
 from tests.conftest import cli_env, run_cli
@@ -25,8 +25,22 @@ def test_enqueue_and_pipeline_suites_report_rates_and_ratios_without_touching_im
 ) -> None:
     # IMGPIPE_REDIS_URL stands for a user's Redis: the bench must start its own and leave this one alone.
     env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_MAX_BATCH="3")
-    result = run_cli("bench", str(demo_data / "val"), "--suite", "pipeline,enqueue", "--paths", "2000",
-                     "--scan-files", "2000", "--pipeline-images", "60", "--repeat", "1", env=env, timeout=240)
+    result = run_cli(
+        "bench",
+        str(demo_data / "val"),
+        "--suite",
+        "pipeline,enqueue",
+        "--paths",
+        "2000",
+        "--scan-files",
+        "2000",
+        "--pipeline-images",
+        "60",
+        "--repeat",
+        "1",
+        env=env,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(result.stdout)
     assert list(summary) == ["enqueue", "pipeline"]  # fixed order, whatever order --suite names them in
@@ -35,7 +49,9 @@ def test_enqueue_and_pipeline_suites_report_rates_and_ratios_without_touching_im
     assert (enqueue["unit"], enqueue["paths"], enqueue["chunk_size"], enqueue["messages"]) == ("paths/s", 2000, 32, 63)
     assert set(enqueue["rates"]) == {"baseline_send_task", "imgpipe_enqueuer", "scan"}
     assert enqueue["ratios"]["baseline_send_task"] == 1.0 and set(enqueue["ratios"]) == {
-        "baseline_send_task", "imgpipe_enqueuer"}
+        "baseline_send_task",
+        "imgpipe_enqueuer",
+    }
 
     pipeline = summary["pipeline"]
     assert (pipeline["unit"], pipeline["images"]) == ("images/s", 60)
@@ -70,7 +86,8 @@ def test_an_unknown_suite_is_a_usage_error() -> None:
     result = run_cli("bench", "--suite", "engine,gpu", timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "imgpipe: error: --suite 'engine,gpu': unknown suite gpu; valid: engine, photos, enqueue, pipeline")
+        "imgpipe: error: --suite 'engine,gpu': unknown suite gpu; valid: engine, photos, enqueue, pipeline"
+    )
     with pytest.raises(ConfigError):
         parse_suites(",")
     assert parse_suites(" pipeline, engine ") == ["engine", "pipeline"]

@@ -69,8 +69,9 @@ def test_classify_bad_files_give_error_records_and_exit_1(demo_data: Path, tmp_p
     for path in good:
         (folder / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "out.jsonl"
-    result = run_cli("classify", str(folder), str(bad["missing"]), str(folder / good[0].name), str(folder),
-                     "-o", str(out))
+    result = run_cli(
+        "classify", str(folder), str(bad["missing"]), str(folder / good[0].name), str(folder), "-o", str(out)
+    )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     listed = read_records(out)
@@ -94,8 +95,9 @@ def test_classify_bad_files_give_error_records_and_exit_1(demo_data: Path, tmp_p
         (["classify"], {}, "Missing argument"),
     ],
 )
-def test_user_mistakes_exit_2_with_one_clear_line(args: list[str], env: dict[str, str], message: str,
-                                                  tmp_path: Path) -> None:
+def test_user_mistakes_exit_2_with_one_clear_line(
+    args: list[str], env: dict[str, str], message: str, tmp_path: Path
+) -> None:
     args = [a.replace("{data}", str(tmp_path)) for a in args]
     result = run_cli(*args, env=cli_env(**env))
     assert result.returncode == 2, (result.returncode, result.stderr)
@@ -112,8 +114,7 @@ def test_classify_refuses_a_pickle_as_model(tmp_path: Path) -> None:
     assert result.returncode == 2 and "raw pickle" in result.stderr
 
 
-def test_evaluate_prints_per_class_metrics_and_writes_png(default_model: Path, demo_data: Path,
-                                                          tmp_path: Path) -> None:
+def test_evaluate_prints_per_class_metrics_and_writes_png(default_model: Path, demo_data: Path, tmp_path: Path) -> None:
     prefix = tmp_path / "eval"
     result = run_cli("evaluate", str(default_model), str(demo_data), "--report", str(prefix))
     assert result.returncode == 0, result.stderr
@@ -125,8 +126,7 @@ def test_evaluate_prints_per_class_metrics_and_writes_png(default_model: Path, d
 
 
 def test_bench_reports_ratios_against_a_baseline(demo_data: Path) -> None:
-    result = run_cli("bench", str(demo_data / "val"), "--suite", "engine,photos", "--images", "200",
-                     "--repeat", "1")
+    result = run_cli("bench", str(demo_data / "val"), "--suite", "engine,photos", "--images", "200", "--repeat", "1")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert list(summary) == ["engine", "photos"]

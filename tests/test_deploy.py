@@ -86,8 +86,14 @@ def test_every_alert_is_shown_firing_by_a_unit_test() -> None:
         for group in load_yaml(path)["tests"]:
             fired |= {c["alertname"] for c in group.get("alert_rule_test", []) if c.get("exp_alerts")}
             tested_records |= {c["expr"] for c in group.get("promql_expr_test", [])}
-    assert alert_names() == {"ImgpipeBacklogStalled", "ImgpipeErrorRatioHigh", "ImgpipeWorkerDown",
-                             "ImgpipeDeadLettersGrowing", "ImgpipeDrainTimeHigh", "ImgpipeExporterBlind"}
+    assert alert_names() == {
+        "ImgpipeBacklogStalled",
+        "ImgpipeErrorRatioHigh",
+        "ImgpipeWorkerDown",
+        "ImgpipeDeadLettersGrowing",
+        "ImgpipeDrainTimeHigh",
+        "ImgpipeExporterBlind",
+    }
     assert fired == alert_names()
     assert recording_names() <= tested_records
 
@@ -157,23 +163,41 @@ def test_dashboard_answers_the_questions_of_the_issue() -> None:
     """Panels for: images/s total and per worker, backlog and drain time, batch sizes, p50/p95/p99 per stage,
     errors by reason, dead letters, workers up, GPU memory and utilisation, model version per worker."""
     exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", []))
-    for needle in ("rate(imgpipe_images_total", "sum by (instance) (rate(imgpipe_images_total",
-                   "imgpipe_backlog_images", "imgpipe_drain_seconds", "imgpipe_batch_size_bucket",
-                   "sum by (reason) (rate(imgpipe_errors_total", "imgpipe_dead_letter_messages",
-                   "imgpipe_dead_letters_total", 'up{job="imgpipe-worker"}', "imgpipe_gpu_memory_used_bytes",
-                   "imgpipe_gpu_utilization_ratio", "imgpipe_model_info"):
+    for needle in (
+        "rate(imgpipe_images_total",
+        "sum by (instance) (rate(imgpipe_images_total",
+        "imgpipe_backlog_images",
+        "imgpipe_drain_seconds",
+        "imgpipe_batch_size_bucket",
+        "sum by (reason) (rate(imgpipe_errors_total",
+        "imgpipe_dead_letter_messages",
+        "imgpipe_dead_letters_total",
+        'up{job="imgpipe-worker"}',
+        "imgpipe_gpu_memory_used_bytes",
+        "imgpipe_gpu_utilization_ratio",
+        "imgpipe_model_info",
+    ):
         assert needle in exprs, needle
     for stage in ("decode", "infer", "write"):
         for q in ("0.5", "0.95", "0.99"):
-            assert f'histogram_quantile({q}, sum by (le) (rate(imgpipe_stage_seconds_bucket{{stage="{stage}"}}' \
-                in exprs, (stage, q)
+            assert (
+                f'histogram_quantile({q}, sum by (le) (rate(imgpipe_stage_seconds_bucket{{stage="{stage}"}}' in exprs
+            ), (stage, q)
 
 
 def test_dashboard_expressions_parse(tmp_path: Path) -> None:
     """promtool parses every dashboard query (as recording rules), with Grafana's variables filled in."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": grafana_expr(expr)}
-        for i, (_title, expr) in enumerate(dashboard_targets())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:expr_{i}", "expr": grafana_expr(expr)}
+                    for i, (_title, expr) in enumerate(dashboard_targets())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", str(path))
@@ -201,8 +225,9 @@ def test_compose_file_runs_the_whole_stack() -> None:
                 assert (REPO / source).exists(), f"{name}: {source} missing"
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
-    assert set(compose["volumes"]) >= {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])
-                                       if not v.startswith(("./", "$"))}
+    assert set(compose["volumes"]) >= {
+        v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if not v.startswith(("./", "$"))
+    }
 
 
 def test_dockerfile_builds_the_package_and_exposes_the_metrics_ports() -> None:
@@ -241,8 +266,11 @@ def test_k8s_manifests_fit_together() -> None:
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert d["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
         pod_labels[name] = labels
-        ports[name] = {p["name"]: p["containerPort"] for c in d["spec"]["template"]["spec"]["containers"]
-                       for p in c.get("ports", [])}
+        ports[name] = {
+            p["name"]: p["containerPort"]
+            for c in d["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
     for svc in (d for d in docs if d["kind"] == "Service"):
         selected = [n for n, labels in pod_labels.items() if svc["spec"]["selector"].items() <= labels.items()]
         assert selected, f"service {svc['metadata']['name']} selects no pods"

@@ -22,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgpipe import keys
 from imgpipe.errors import ConfigError, ImageError
-from imgpipe.progress import RateWindow, drain_seconds, read_jobs
+from imgpipe.jobs import RateWindow, drain_seconds, read_jobs
+from imgpipe.procs import imgpipe_argv
 from imgpipe.settings import MetricsSettings, RedisSettings
+from imgpipe.worker import metrics
+from imgpipe.worker.exporter import RedisCollector, queue_keys
 from tests.conftest import REPO, cli_env, free_port
-from worker import metrics
-from worker.exporter import RedisCollector, queue_keys
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -83,12 +84,26 @@ def test_drain_seconds() -> None:
 # --- the exporter against a real Redis ------------------------------------------------------------------------
 
 
-def write_job(client: redis.Redis, job_id: str, *, total: int, done: int, failed: int, created: float,
-              sealed: bool = True, finished: float | None = None) -> None:
-    """A job hash laid out as producer/jobs.py writes it (create_job, add_to_total, seal) plus worker counts."""
+def write_job(
+    client: redis.Redis,
+    job_id: str,
+    *,
+    total: int,
+    done: int,
+    failed: int,
+    created: float,
+    sealed: bool = True,
+    finished: float | None = None,
+) -> None:
+    """A job hash laid out as imgpipe/jobs.py writes it (create_job, add_to_total, seal) plus worker counts."""
     mapping: dict[str | bytes, str | int] = {
-        "created": f"{created:.6f}", "total": total, "done": done, "failed": failed,
-        "sealed": int(sealed), "kind": "batch", "roots": json.dumps(["/data"]),
+        "created": f"{created:.6f}",
+        "total": total,
+        "done": done,
+        "failed": failed,
+        "sealed": int(sealed),
+        "kind": "batch",
+        "roots": json.dumps(["/data"]),
     }
     if finished is not None:
         mapping["finished"] = f"{finished:.6f}"
@@ -204,8 +219,11 @@ def test_exporter_command(redis_url: str, tmp_path: Path) -> None:
     client = redis.Redis.from_url(redis_url)
     client.rpush("imgpipe", "m1", "m2")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgpipe", "exporter", "--port", "0", "--bind", "127.0.0.1", "--interval", "0.2"],
-        env=cli_env(IMGPIPE_REDIS_URL=redis_url), cwd=REPO, stderr=subprocess.PIPE, text=True,
+        imgpipe_argv("exporter", "--port", "0", "--bind", "127.0.0.1", "--interval", "0.2"),
+        env=cli_env(IMGPIPE_REDIS_URL=redis_url),
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         port = wait_for_port(proc)
@@ -242,7 +260,7 @@ FORKING_SERVER = textwrap.dedent(
     """
     import multiprocessing, os, signal, sys, time
     from imgpipe.settings import MetricsSettings
-    from worker import metrics
+    from imgpipe.worker import metrics
 
     server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"))
     ctx = multiprocessing.get_context("fork")
@@ -279,9 +297,12 @@ def forking_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int,
     mp_dir.mkdir()
     (mp_dir / "counter_999999999.db").write_bytes(b"\0" * 16)  # a previous run's leftovers
     proc = subprocess.Popen(
-        [sys.executable, "-c", FORKING_SERVER], cwd=REPO, text=True,
+        [sys.executable, "-c", FORKING_SERVER],
+        cwd=REPO,
+        text=True,
         env=cli_env(PROMETHEUS_MULTIPROC_DIR=str(mp_dir)),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -342,7 +363,7 @@ ALLOWED_LABELS: dict[str, set[str] | None] = {
 
 def assert_bounded_labels(samples: Samples) -> None:
     """Every imgpipe label is one of a fixed few, and no value looks like a path, a job id or a pid."""
-    for (name, labels) in imgpipe_samples(samples):
+    for name, labels in imgpipe_samples(samples):
         for label, text in labels:
             assert label in ALLOWED_LABELS, f"{name} has unexpected label {label}={text!r}"
             allowed = ALLOWED_LABELS[label]

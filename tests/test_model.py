@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from imgpipe.errors import ConfigError, ImageError, ModelFileError
+from imgpipe.model import export, jit
+from imgpipe.model.engine import Engine, select_device
+from imgpipe.model.net import ConvNet, build_model
+from imgpipe.model.preprocess import Preset
 from imgpipe.settings import SecuritySettings
-from model import export, jit
-from model.engine import Engine, select_device
-from model.net import ConvNet, build_model
-from model.preprocess import Preset
 from tests.images import write_bad, write_bomb, write_good
 
 LABELS = [str(i) for i in range(10)]
@@ -35,9 +35,14 @@ def small_net(seed: int = 0) -> ConvNet:
 
 def export_small(path: Path, net: ConvNet | None = None) -> export.Metadata:
     return export.export(
-        net or small_net(), path, name="small", arch="convnet",
-        arch_config={"widths": [8, 16], "convs_per_block": 1}, labels=LABELS,
-        preset=Preset(input_size=16, channels=1, mean=(0.3,), std=(0.4,)), val_accuracy=0.5,
+        net or small_net(),
+        path,
+        name="small",
+        arch="convnet",
+        arch_config={"widths": [8, 16], "convs_per_block": 1},
+        labels=LABELS,
+        preset=Preset(input_size=16, channels=1, mean=(0.3,), std=(0.4,)),
+        val_accuracy=0.5,
     )
 
 
@@ -129,8 +134,9 @@ def test_engine_classifies_good_files_and_reports_each_bad_one(tmp_path: Path, d
     big = tmp_path / "bad" / "big.png"
     big.write_bytes(good[0].read_bytes() + b"\0" * 60_000)
     engine = Engine.load(default_model, "cpu", security=SecuritySettings(max_file_bytes=50_000, max_pixels=1_000_000))
-    inputs = [str(p) for p in good[:5]] + [str(p) for p in bad.values()] + [str(bomb), str(big)] + \
-        [str(p) for p in good[5:]]
+    inputs = (
+        [str(p) for p in good[:5]] + [str(p) for p in bad.values()] + [str(bomb), str(big)] + [str(p) for p in good[5:]]
+    )
     records = list(engine.classify(inputs, batch_size=4, decode_threads=3))
     assert [r["path"] for r in records] == inputs  # one record per input, in order
     by_path = {r["path"]: r for r in records}
@@ -139,8 +145,14 @@ def test_engine_classifies_good_files_and_reports_each_bad_one(tmp_path: Path, d
         assert record["status"] == "ok" and record["label"] in LABELS
         assert record["topk"][0] == [record["label"], record["score"]] and len(record["topk"]) == 3
         assert record["model"] == engine.model_id
-    expected = {"truncated": "decode", "corrupt": "decode", "empty": "empty", "not_image": "decode",
-                "directory": "not_regular", "missing": "not_found"}
+    expected = {
+        "truncated": "decode",
+        "corrupt": "decode",
+        "empty": "empty",
+        "not_image": "decode",
+        "directory": "not_regular",
+        "missing": "not_found",
+    }
     for kind, reason in expected.items():
         record = by_path[str(bad[kind])]
         assert record["status"] == "error" and record["reason"] == reason, (kind, record)

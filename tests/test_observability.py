@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from imgpipe.procs import imgpipe_argv
 from tests.conftest import REPO, cli_env, free_port
 from tests.images import write_bad, write_good
 from tests.test_deploy import DASHBOARD, dashboard_targets, grafana_expr
@@ -74,8 +74,9 @@ class Stack:
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     with open(log, "w") as fh:
-        return subprocess.Popen(args, cwd=REPO, env=env or cli_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            args, cwd=REPO, env=env or cli_env(), stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:
@@ -110,14 +111,17 @@ def wait_until(check: Any, what: str, timeout: float, procs: list[subprocess.Pop
 def prometheus_config(worker_port: int, exporter_port: int) -> str:
     """The shipped rules, scraped every second from the local worker and exporter (job names as deployed)."""
     rules = sorted(str(p) for p in (DEPLOY / "prometheus" / "rules").glob("*.yml"))
-    return json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": rules,
-        "scrape_configs": [
-            {"job_name": "imgpipe-worker", "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]},
-            {"job_name": "imgpipe-exporter", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]},
-        ],
-    }, indent=2)
+    return json.dumps(
+        {  # JSON is YAML
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": rules,
+            "scrape_configs": [
+                {"job_name": "imgpipe-worker", "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]},
+                {"job_name": "imgpipe-exporter", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]},
+            ],
+        },
+        indent=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +144,33 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     logs = [tmp / "worker.log", tmp / "exporter.log", tmp / "prometheus.log"]
     try:
         # Two worker processes: the supervisor serves their summed metrics (multiprocess mode).
-        procs.append(start([sys.executable, "-m", "imgpipe", "worker", "--concurrency", "2",
-                            "--metrics-port", str(worker_port)], logs[0], env))
+        procs.append(
+            start(imgpipe_argv("worker", "--concurrency", "2", "--metrics-port", str(worker_port)), logs[0], env)
+        )
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "imgpipe", "exporter", "--port", "0", "--bind", "127.0.0.1",
-             "--interval", "1", "--window", "30"],
-            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            imgpipe_argv("exporter", "--port", "0", "--bind", "127.0.0.1", "--interval", "1", "--window", "30"),
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         procs.append(exporter)
         exporter_port = wait_for_port(exporter)
         config = tmp / "prometheus.yml"
         config.write_text(prometheus_config(worker_port, exporter_port))
-        procs.append(start([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                            f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], logs[2]))
+        procs.append(
+            start(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--log.level=warn",
+                ],
+                logs[2],
+            )
+        )
         base = f"http://127.0.0.1:{prom_port}"
         wait_until(lambda: http_ok(f"{base}/-/ready"), "prometheus ready", 60, procs, logs)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{worker_port}/metrics"), "worker /metrics", 60, procs, logs)
@@ -163,8 +182,9 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
         wait_until(targets_up, "both targets scraped", 30, procs, logs)
         started = time.time()
-        enqueue = subprocess.run([sys.executable, "-m", "imgpipe", "enqueue", str(data), "--wait"],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        enqueue = subprocess.run(
+            imgpipe_argv("enqueue", str(data), "--wait"), cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+        )
         match = re.search(r"enqueued (\d+) images", enqueue.stderr)
         assert match, enqueue.stderr
         yield Stack(base, worker_port, exporter_port, int(match.group(1)), failed, data, started, enqueue)
@@ -234,8 +254,13 @@ def test_alert_rules_evaluate_and_stay_quiet(stack: Stack) -> None:
             break
         time.sleep(0.5)
     assert {r["name"] for r in rules if r["type"] == "alerting"} == {
-        "ImgpipeBacklogStalled", "ImgpipeErrorRatioHigh", "ImgpipeWorkerDown", "ImgpipeDeadLettersGrowing",
-        "ImgpipeDrainTimeHigh", "ImgpipeExporterBlind"}
+        "ImgpipeBacklogStalled",
+        "ImgpipeErrorRatioHigh",
+        "ImgpipeWorkerDown",
+        "ImgpipeDeadLettersGrowing",
+        "ImgpipeDrainTimeHigh",
+        "ImgpipeExporterBlind",
+    }
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
     assert active <= quiet_allowed, active
@@ -264,9 +289,15 @@ def demo_load(env: dict[str, str], folder: Path) -> None:
     for i in range(3):
         write_good(folder / f"load{i}", 1500, start=10_000 * (i + 1))
         write_bad(folder / f"load{i}" / "bad")
-        jobs.append(subprocess.Popen([sys.executable, "-m", "imgpipe", "enqueue", str(folder / f"load{i}"),
-                                      "--wait"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL))
+        jobs.append(
+            subprocess.Popen(
+                imgpipe_argv("enqueue", str(folder / f"load{i}"), "--wait"),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         time.sleep(6)
     for job in jobs:
         job.wait(timeout=300)
@@ -285,13 +316,14 @@ def render_dashboard(base: str, start: float, end: float, out: Path) -> None:
     columns = 4
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), constrained_layout=True)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, panel in zip(axes.flat, panels, strict=False):
         for target in panel["targets"]:
             expr = target["expr"].replace("$__rate_interval", RENDER_RATE_INTERVAL)
             url = f"{base}/api/v1/query_range?" + urllib.parse.urlencode(
-                {"query": grafana_expr(expr), "start": start, "end": end, "step": "1"})
+                {"query": grafana_expr(expr), "start": start, "end": end, "step": "1"}
+            )
             with urllib.request.urlopen(url, timeout=30) as response:
                 result = json.load(response)["data"]["result"]
             for series in result:
@@ -311,9 +343,12 @@ def render_dashboard(base: str, start: float, end: float, out: Path) -> None:
             ax.legend(fontsize=6, ncol=2)
         else:
             ax.text(0.5, 0.5, "no data on this host", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("imgpipe dashboard panels: the dashboard's own queries, answered by a real Prometheus that "
-                 "scraped `imgpipe worker` and `imgpipe exporter` in tests/test_observability.py "
-                 "(drawn with matplotlib, not a Grafana screenshot)", fontsize=10)
+    fig.suptitle(
+        "imgpipe dashboard panels: the dashboard's own queries, answered by a real Prometheus that "
+        "scraped `imgpipe worker` and `imgpipe exporter` in tests/test_observability.py "
+        "(drawn with matplotlib, not a Grafana screenshot)",
+        fontsize=10,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=72)
     plt.close(fig)

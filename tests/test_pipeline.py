@@ -13,8 +13,8 @@ from pathlib import Path
 import redis
 
 from imgpipe import keys
+from imgpipe.jobs import iter_records
 from imgpipe.records import read_records
-from producer.jobs import iter_records
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
 from tests.workers import Workers, histogram, scrape, wait_for_job
@@ -129,8 +129,7 @@ def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
     images = {str(p) for p in write_good(data, 120)}
     port = free_port()
     with _workers(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
-        supervisor = workers.start("--concurrency", "2", "--device", "cpu", "--metrics-port", str(port),
-                                   processes=2)
+        supervisor = workers.start("--concurrency", "2", "--device", "cpu", "--metrics-port", str(port), processes=2)
         job_id = _enqueue(redis_url, str(data), "--chunk-size", "4")
         wait_for_job(client, job_id, timeout=120, workers=workers)
         _exactly_once(client, job_id, images)
@@ -142,8 +141,9 @@ def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
         assert len(re.findall(r"imgpipe worker \d+: model", log)) == 2 and "2 processes on cpu, cpu" in log
 
         # A child that dies is replaced, and the replacement works.
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(supervisor.pid)], capture_output=True,
-                                  text=True, check=True).stdout.split()
+        children = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(supervisor.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(children) == 2
         os.kill(int(children[0]), signal.SIGKILL)
         supervisor.wait_ready(processes=3)

@@ -10,9 +10,9 @@ from pathlib import Path
 import redis
 
 from imgpipe import keys
+from imgpipe.jobs import create_job, iter_records, seal_job
+from imgpipe.producer.enqueue import enqueue_paths
 from imgpipe.settings import RedisSettings
-from producer.enqueue import enqueue_paths
-from producer.jobs import create_job, iter_records, seal_job
 from tests.conftest import cli_env, run_cli
 from tests.images import write_good
 from tests.workers import Workers, wait_for_job
@@ -36,8 +36,13 @@ def test_a_message_whose_worker_is_killed_every_time_ends_dead_lettered(
     seal_job(client, job_id)
     (message_id,) = [m.decode() for m in client.hkeys(keys.job_pending(job_id))]
 
-    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_VISIBILITY_TIMEOUT="6",
-                  IMGPIPE_MAX_DELIVERIES="2", IMGPIPE_MAX_BATCH="1")
+    env = cli_env(
+        IMGPIPE_REDIS_URL=redis_url,
+        IMGPIPE_ALLOWED_ROOTS=str(data),
+        IMGPIPE_VISIBILITY_TIMEOUT="6",
+        IMGPIPE_MAX_DELIVERIES="2",
+        IMGPIPE_MAX_BATCH="1",
+    )
     with Workers(tmp_path, env) as workers:
         for delivery in (1, 2):
             worker = workers.start()

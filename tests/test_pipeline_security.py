@@ -17,9 +17,9 @@ from kombu import Connection
 from PIL import Image
 
 from imgpipe import keys
+from imgpipe.jobs import create_job, iter_records, seal_job
+from imgpipe.producer.enqueue import enqueue_paths
 from imgpipe.settings import RedisSettings
-from producer.enqueue import enqueue_paths
-from producer.jobs import create_job, iter_records, seal_job
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_bad, write_bomb, write_good
 from tests.workers import Workers, wait_for_job
@@ -50,14 +50,25 @@ def test_bad_files_and_escaping_paths_become_error_records_and_the_worker_keeps_
     escape.symlink_to(secret)
     dotdot = str(root / "good" / ".." / ".." / "outside" / "secret.png")
     expected = {
-        str(bad["truncated"]): "decode", str(bad["corrupt"]): "decode", str(bad["not_image"]): "decode",
-        str(bad["empty"]): "empty", str(bad["missing"]): "not_found", str(bad["directory"]): "not_regular",
-        str(oversized): "too_large", str(bomb): "too_many_pixels", str(escape): "not_allowed", dotdot: "not_allowed",
+        str(bad["truncated"]): "decode",
+        str(bad["corrupt"]): "decode",
+        str(bad["not_image"]): "decode",
+        str(bad["empty"]): "empty",
+        str(bad["missing"]): "not_found",
+        str(bad["directory"]): "not_regular",
+        str(oversized): "too_large",
+        str(bomb): "too_many_pixels",
+        str(escape): "not_allowed",
+        dotdot: "not_allowed",
     }
     # Bad paths spread between good ones: each message mixes both, and the good ones are still labelled.
     paths = [p for pair in zip(good, [*expected, *[None] * 10], strict=True) for p in pair if p is not None]
-    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(root),
-                  IMGPIPE_MAX_FILE_BYTES="50000", IMGPIPE_MAX_PIXELS="1000000")
+    env = cli_env(
+        IMGPIPE_REDIS_URL=redis_url,
+        IMGPIPE_ALLOWED_ROOTS=str(root),
+        IMGPIPE_MAX_FILE_BYTES="50000",
+        IMGPIPE_MAX_PIXELS="1000000",
+    )
     with Workers(tmp_path, env) as workers:
         worker = workers.start()
         job_id = _job(client, redis_url, paths)
@@ -73,8 +84,9 @@ def test_bad_files_and_escaping_paths_become_error_records_and_the_worker_keeps_
         # Still serving: the next job is classified, and `enqueue --wait` exits 1 when an image failed.
         again = _job(client, redis_url, good[:5])
         wait_for_job(client, again, timeout=60, workers=workers)
-        failing = run_cli("enqueue", str(bad["empty"]), str(good[0]), "--wait",
-                          env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=60)
+        failing = run_cli(
+            "enqueue", str(bad["empty"]), str(good[0]), "--wait", env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=60
+        )
         assert failing.returncode == 1, failing.stderr
         assert "1 ok, 1 failed of 2" in failing.stderr
         assert worker.proc.poll() is None
@@ -103,9 +115,20 @@ def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(
         with Connection(redis_url) as conn:
             conn.Producer().publish(
                 [["some-job", [_Exploit(marker)]], {}, {"callbacks": None, "errbacks": None, "chain": None}],
-                routing_key=RedisSettings().queue, exchange="", serializer="pickle",
-                headers={"lang": "py", "task": keys.TASK_CLASSIFY, "id": "pickled-1", "root_id": "pickled-1",
-                         "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None},
+                routing_key=RedisSettings().queue,
+                exchange="",
+                serializer="pickle",
+                headers={
+                    "lang": "py",
+                    "task": keys.TASK_CLASSIFY,
+                    "id": "pickled-1",
+                    "root_id": "pickled-1",
+                    "parent_id": None,
+                    "group": None,
+                    "retries": 0,
+                    "eta": None,
+                    "expires": None,
+                },
             )
         deadline = time.monotonic() + 30
         while "untrusted content" not in worker.log():
@@ -124,12 +147,40 @@ def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1, made with the openssl command."""
     folder.mkdir()
     run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=imgpipe-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=imgpipe-test-ca",
+    )
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
     (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "1", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    )
     return folder / "ca.pem", folder / "server.pem", folder / "server.key"
 
 
@@ -141,10 +192,33 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     ca, cert, key = _tls_files(tmp_path / "tls")
     port = free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
-         "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
-         "--requirepass", "s3cret-pw", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret-pw",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10

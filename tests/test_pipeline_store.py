@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import redis
 
 from imgpipe import keys
+from imgpipe.jobs import add_to_total, create_job, job_status, seal_job
 from imgpipe.records import error_record, ok_record
-from producer.jobs import add_to_total, create_job, job_status, seal_job
-from worker.store import ResultStore
+from imgpipe.worker.store import ResultStore
 
 TTL = 3600
 MODEL = "m@123"
@@ -30,8 +32,11 @@ def test_a_redelivered_message_never_adds_or_counts_a_record_twice(client: redis
     assert store.write(job_id, first, MODEL) == first
     # The same message again (redelivered after its records were written but before the ack), plus one new path:
     # only the new one is written and counted, and the first record of a path wins.
-    again = [ok_record("/d/a.png", [("1", 0.5)], MODEL), ok_record("/d/b.png", [("2", 0.5)], MODEL),
-             ok_record("/d/c.png", [("3", 0.8)], MODEL)]
+    again = [
+        ok_record("/d/a.png", [("1", 0.5)], MODEL),
+        ok_record("/d/b.png", [("2", 0.5)], MODEL),
+        ok_record("/d/c.png", [("3", 0.8)], MODEL),
+    ]
     assert store.write(job_id, again, MODEL) == [again[2]]
     assert store.write(job_id, again, MODEL) == []
     status = job_status(client, job_id)
@@ -82,3 +87,31 @@ def test_unknown_job_writes_nothing_and_dead_letters_are_pushed_once(client: red
     assert store.write(job_id, records, MODEL, dead_letter=entry) == records
     assert store.write(job_id, records, MODEL, dead_letter=entry) == []
     assert [json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)] == [entry]
+
+
+def test_worker_registry_lists_live_workers_and_forgets_dead_ones(client: redis.Redis) -> None:
+    from imgpipe.registry import Heartbeat, WorkerInfo, live_workers, queues_served
+
+    info = WorkerInfo(id="imgpipe-1@h", host="h", pid=1, model="m@abc", device="cpu", queues=("imgpipe",), started=1.0)
+    beat = Heartbeat(client, info, lambda: {"busy": 3, "progress": 5.0}, interval=0.1, ttl=0.5).start()
+    try:
+        (live,) = live_workers(client, ttl=0.5)
+        assert (live.id, live.model, live.busy, live.progress, live.queues) == (
+            "imgpipe-1@h",
+            "m@abc",
+            3,
+            5.0,
+            ("imgpipe",),
+        )
+        assert queues_served([live]) == {"imgpipe"}
+    finally:
+        beat.close()
+    assert live_workers(client, ttl=0.5) == []  # a clean stop leaves the list at once
+    # A worker that dies without a word (kill -9) vanishes when its heartbeat expires.
+    Heartbeat(client, replace(info, id="imgpipe-2@h"), interval=60, ttl=0.3).beat()
+    assert [w.id for w in live_workers(client, ttl=0.3)] == ["imgpipe-2@h"]
+    time.sleep(0.5)
+    assert live_workers(client, ttl=0.3) == []
+    client.set(keys.worker("junk"), "not json")
+    client.zadd(keys.WORKERS, {"junk": time.time()})
+    assert live_workers(client) == []  # a record not written by imgpipe is ignored, never an exception

@@ -6,13 +6,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
 
-from producer.jobs import iter_records
+from imgpipe.jobs import iter_records
+from imgpipe.procs import imgpipe_argv
 from tests.conftest import REPO, cli_env, free_port, run_cli
 from tests.images import write_good
 from tests.workers import Workers, histogram, scrape, wait_for_job
@@ -28,9 +28,13 @@ def test_files_copied_into_a_watched_folder_come_back_labelled_in_batches(tmp_pa
     with Workers(tmp_path, env) as workers:
         workers.start("--metrics-port", str(port), "--max-batch", "16", "--max-wait-ms", "200")
         watch = subprocess.Popen(
-            [sys.executable, "-m", "imgpipe", "watch", str(incoming), "--job", "stream-1"],
-            env=cli_env(IMGPIPE_REDIS_URL=redis_url), cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            imgpipe_argv("watch", str(incoming), "--job", "stream-1"),
+            env=cli_env(IMGPIPE_REDIS_URL=redis_url),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         try:
             assert watch.stdout is not None

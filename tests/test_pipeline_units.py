@@ -8,13 +8,13 @@ import pytest
 
 from imgpipe.broker import celery_config, ssl_options, task_time_limit, transport_options
 from imgpipe.errors import ConfigError
+from imgpipe.model.engine import Engine
 from imgpipe.settings import BatchSettings, RedisSettings, SecuritySettings, Settings
-from model.engine import Engine
+from imgpipe.worker import metrics
+from imgpipe.worker.app import make_app, prefetch
+from imgpipe.worker.batcher import Batcher
+from imgpipe.worker.cli import plan_devices
 from tests.images import write_bad, write_good
-from worker import metrics
-from worker.app import make_app, prefetch
-from worker.batcher import Batcher
-from worker.cli import plan_devices
 
 
 def test_device_plan_one_process_per_gpu_else_the_cpu() -> None:
@@ -46,8 +46,9 @@ def test_device_plan_with_gpus_is_one_process_per_gpu() -> None:
 
 
 def test_celery_is_configured_for_late_acks_json_only_and_limits_below_the_visibility_timeout() -> None:
-    settings = Settings(redis=RedisSettings(url="redis://:pw@host:6379/2", visibility_timeout=600),
-                        batch=BatchSettings(max_batch=32))
+    settings = Settings(
+        redis=RedisSettings(url="redis://:pw@host:6379/2", visibility_timeout=600), batch=BatchSettings(max_batch=32)
+    )
     conf = make_app(settings).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
@@ -65,7 +66,9 @@ def test_rediss_urls_verify_certificates_unless_told_otherwise() -> None:
     assert ssl_options("redis://h:6379/0") is None
     assert ssl_options("rediss://h:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     assert ssl_options("rediss://h/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem") == {
-        "ssl_cert_reqs": ssl.CERT_NONE, "ssl_ca_certs": "/ca.pem"}
+        "ssl_cert_reqs": ssl.CERT_NONE,
+        "ssl_ca_certs": "/ca.pem",
+    }
     with pytest.raises(ConfigError, match="valid: none, optional, required"):
         ssl_options("rediss://h/0?ssl_cert_reqs=maybe")
     assert celery_config(RedisSettings(url="rediss://h/0"))["broker_use_ssl"] is not None
@@ -80,7 +83,7 @@ def test_the_batcher_fills_one_batch_from_several_messages(tmp_path: Path, defau
     batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2)).start()
     try:
         # Three "messages" of five images each, plus a bad file, arrive within the wait: one batch of 15.
-        futures = [batcher.submit(good[i:i + 5], source=f"m{i}") for i in range(0, 15, 5)]
+        futures = [batcher.submit(good[i : i + 5], source=f"m{i}") for i in range(0, 15, 5)]
         failed = batcher.submit([str(bad["corrupt"])], source="m-bad")
         records = [f.result(timeout=30) for group in futures for f in group]
         error = failed[0].result(timeout=30)
@@ -92,3 +95,20 @@ def test_the_batcher_fills_one_batch_from_several_messages(tmp_path: Path, defau
     samples = metrics.BATCH_SIZE.collect()[0].samples
     count_after = next(s.value for s in samples if s.name.endswith("_count"))
     assert count_after - count_before == 1, "the 15 images should form one batch"
+
+
+def test_one_device_parser_for_every_host_shape() -> None:
+    from imgpipe.devices import parse_device
+
+    assert parse_device(" CUDA:1 ").resolve(gpus=2) == "cuda:1"
+    assert parse_device("auto").resolve(gpus=0) == "cpu"
+    assert parse_device("auto").plan(gpus=2, processes=None) == ["cuda:0", "cuda:1"]
+    assert parse_device("cuda").plan(gpus=2, processes=3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert parse_device("cpu").plan(gpus=4, processes=2) == ["cpu", "cpu"]
+    with pytest.raises(ConfigError, match=r"this host has 2 GPU\(s\), cuda:0..cuda:1"):
+        parse_device("cuda:2").resolve(gpus=2)
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        parse_device("cuda").plan(gpus=0, processes=None)
+    for bad in ("tpu", "cuda:x", "cuda:", ""):
+        with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
+            parse_device(bad)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from imgpipe.errors import ConfigError, ImageError
+from imgpipe.model.preprocess import Preset, decode_image
 from imgpipe.records import RecordWriter, error_record, format_for, ok_record, read_records
 from imgpipe.safety import confine, read_bounded
 from imgpipe.settings import Settings
-from model.preprocess import Preset, decode_image
 from tests.images import write_bad, write_bomb
 
 
@@ -125,12 +125,14 @@ def test_confine_refuses_symlinks_and_dotdot_out_of_roots(tmp_path: Path) -> Non
 
 
 def test_settings_from_env_parses_and_rejects(tmp_path: Path) -> None:
-    settings = Settings.from_env({
-        "IMGPIPE_REDIS_URL": "rediss://:secret@localhost:6380/2",
-        "IMGPIPE_MAX_BATCH": "8",
-        "IMGPIPE_ALLOWED_ROOTS": f"{tmp_path}:{tmp_path}",
-        "IMGPIPE_METRICS_PORT": "9100",
-    })
+    settings = Settings.from_env(
+        {
+            "IMGPIPE_REDIS_URL": "rediss://:secret@localhost:6380/2",
+            "IMGPIPE_MAX_BATCH": "8",
+            "IMGPIPE_ALLOWED_ROOTS": f"{tmp_path}:{tmp_path}",
+            "IMGPIPE_METRICS_PORT": "9100",
+        }
+    )
     assert settings.redis.url.startswith("rediss://") and settings.batch.max_batch == 8
     assert settings.security.allowed_roots == (tmp_path.resolve(), tmp_path.resolve())
     assert settings.metrics.port == 9100 and settings.metrics.bind == "0.0.0.0"

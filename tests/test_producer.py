@@ -17,11 +17,11 @@ import redis
 
 from imgpipe import keys
 from imgpipe.errors import ConfigError
+from imgpipe.jobs import create_job, job_status, seal_job
+from imgpipe.producer.enqueue import chunked, enqueue_paths
+from imgpipe.producer.watch import Watcher
+from imgpipe.scan import distinct_roots, scan, scan_all
 from imgpipe.settings import RedisSettings
-from producer.enqueue import chunked, enqueue_paths
-from producer.jobs import create_job, job_status, seal_job
-from producer.scan import distinct_roots, scan, scan_all
-from producer.watch import Watcher
 from tests.conftest import REPO, cli_env, free_port, run_cli
 from tests.images import write_good
 
@@ -36,7 +36,9 @@ def _touch(path: Path, data: bytes = b"x") -> Path:
 
 def test_scan_is_a_lazy_recursive_filter_by_extension(tmp_path: Path) -> None:
     wanted = {
-        _touch(tmp_path / "a.png"), _touch(tmp_path / "B.JPG"), _touch(tmp_path / "x" / "y" / "z" / "c.jpeg"),
+        _touch(tmp_path / "a.png"),
+        _touch(tmp_path / "B.JPG"),
+        _touch(tmp_path / "x" / "y" / "z" / "c.jpeg"),
         _touch(tmp_path / "x" / "d.WebP"),
     }
     _touch(tmp_path / "notes.txt")
@@ -103,8 +105,9 @@ def test_enqueue_sends_chunks_by_task_name_as_json(client: redis.Redis, redis_ur
     assert raw["content-type"] == "application/json"
     assert raw["headers"]["task"] == keys.TASK_CLASSIFY
     body = raw["body"]
-    args, kwargs, _embed = json.loads(base64.b64decode(body) if raw["properties"]["body_encoding"] == "base64"
-                                      else body)
+    args, kwargs, _embed = json.loads(
+        base64.b64decode(body) if raw["properties"]["body_encoding"] == "base64" else body
+    )
     assert args == [job_id, [f"/data/0/img{i:06d}.png" for i in range(32)]]
     assert kwargs == {}
 
@@ -133,8 +136,10 @@ def test_job_lifecycle_total_seal_and_finish(client: redis.Redis) -> None:
 
 def test_producer_imports_neither_torch_nor_the_worker() -> None:
     code = (
-        "import sys, producer.cli, producer.enqueue, producer.watch, producer.jobs, producer.scan\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'worker', 'model')))\n"
+        "import sys, imgpipe.producer.cli, imgpipe.producer.enqueue, imgpipe.producer.watch, imgpipe.jobs\n"
+        "import imgpipe.scan\n"
+        "bad = sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')\n"
+        "             or m.startswith(('imgpipe.worker', 'imgpipe.model')))\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -160,8 +165,9 @@ def test_cli_enqueue_prints_the_job_id_and_status_shows_it(tmp_path: Path, redis
 
     again = run_cli("enqueue", str(tmp_path / "data"), "--job", "photos", env=env, timeout=60)
     assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == ["imgpipe: error: job 'photos' already exists; choose another "
-                                                 "--job id (`imgpipe status` lists jobs)"]
+    assert again.stderr.strip().splitlines() == [
+        "imgpipe: error: job 'photos' already exists; choose another --job id (`imgpipe status` lists jobs)"
+    ]
 
 
 @pytest.mark.parametrize(

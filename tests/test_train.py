@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import export
-from model.train import Augment, TrainConfig, random_affine, train
+from imgpipe.model import export
+from imgpipe.model.train import Augment, TrainConfig, random_affine, train
 
 ACCURACY_BAR = 0.985
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from imgpipe.errors import ImageError
+from imgpipe.model.engine import Engine
 from imgpipe.records import Record
 from imgpipe.settings import BatchSettings
-from model.engine import Engine
-from worker import metrics
+from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class Batcher:
         ]
         self._runner = threading.Thread(target=self._batch_loop, name="imgpipe-batch", daemon=True)
         self._started = False
+        self._lock = threading.Lock()
+        self._busy = 0  # images submitted and not yet resolved
+        self.last_progress = 0.0  # epoch seconds of the latest resolved image (0: none yet)
 
     def start(self) -> Batcher:
         for thread in [*self._decoders, self._runner]:
@@ -73,9 +76,21 @@ class Batcher:
     def submit(self, paths: Sequence[str], source: str = "") -> list[Future[Record]]:
         """Queue ``paths``; each future resolves to that path's record (or to the exception of its batch)."""
         items = [_Item(path, source) for path in paths]
+        with self._lock:
+            self._busy += len(items)
         for item in items:
+            item.future.add_done_callback(self._resolved)
             self._todo.put(item)
         return [item.future for item in items]
+
+    def _resolved(self, _future: Future[Record]) -> None:
+        with self._lock:
+            self._busy -= 1
+        self.last_progress = time.time()
+
+    def health(self) -> dict[str, float | int]:
+        """For the worker's heartbeat: images in hand and the time of the latest one resolved."""
+        return {"busy": self._busy, "progress": self.last_progress}
 
     def _decode_loop(self) -> None:
         while (item := self._todo.get()) is not None:

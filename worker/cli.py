@@ -24,12 +24,14 @@ import click
 
 from imgpipe import defaults
 from imgpipe.broker import redis_client, safe_url, task_time_limit
+from imgpipe.devices import parse_device
 from imgpipe.errors import ConfigError
+from imgpipe.procs import imgpipe_argv
 from imgpipe.settings import Settings, parse_roots
 
 log = logging.getLogger("imgpipe.worker")
 
-# prometheus_client's variable (worker.metrics.MULTIPROC_ENV), set here before prometheus_client is imported.
+# prometheus_client's variable (imgpipe.worker.metrics.MULTIPROC_ENV), set here before prometheus_client is imported.
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds a child must have run for its exit not to count as a failure to start.
 _MIN_CHILD_UPTIME_S = 10.0
@@ -39,32 +41,75 @@ LOGLEVELS = ("debug", "info", "warning", "error")
 
 
 @click.command()
-@click.option("--concurrency", type=click.IntRange(min=1), envvar="IMGPIPE_CONCURRENCY", show_envvar=True,
-              help="Worker processes, each with its own copy of the model.  [default: one per GPU; one on a "
-                   "CPU host, using all cores]")
-@click.option("--device", envvar="IMGPIPE_DEVICE", show_envvar=True,
-              help="auto, cpu, cuda or cuda:N; with auto and several processes, GPUs are dealt round-robin.  "
-                   "[default: auto]")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="IMGPIPE_METRICS_PORT",
-              show_envvar=True,
-              help="Serve Prometheus /metrics on this port (0: any free port).")
-@click.option("--metrics-bind", envvar="IMGPIPE_METRICS_BIND", show_envvar=True,
-              help=f"Address /metrics binds to.  [default: {defaults.METRICS_BIND}]")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="IMGPIPE_MODEL", show_envvar=True,
-              help="Model file (TorchScript from `imgpipe train`).  [default: the demo model]")
-@click.option("--allowed-roots", envvar="IMGPIPE_ALLOWED_ROOTS", show_envvar=True,
-              help="Colon-separated directories this worker may read; required. Paths that resolve elsewhere "
-                   "(symlinks, ..) become error records and are never opened.")
-@click.option("--redis-url", envvar="IMGPIPE_REDIS_URL", show_envvar=True,
-              help="Broker and result store.  [default: redis://localhost:6379/0]")
-@click.option("--max-batch", type=click.IntRange(min=1), envvar="IMGPIPE_MAX_BATCH", show_envvar=True,
-              help=f"Images per inference batch, gathered across messages.  [default: {defaults.MAX_BATCH}]")
-@click.option("--max-wait-ms", type=click.IntRange(min=0), envvar="IMGPIPE_MAX_WAIT_MS", show_envvar=True,
-              help="Longest wait for a batch to fill before running it partly full.  "
-                   f"[default: {defaults.MAX_WAIT_MS}]")
-@click.option("--prefetch", type=click.IntRange(min=1), envvar="IMGPIPE_PREFETCH", show_envvar=True,
-              help="Messages one process holds at once.  [default: 2 x max batch]")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    envvar="IMGPIPE_CONCURRENCY",
+    show_envvar=True,
+    help="Worker processes, each with its own copy of the model.  [default: one per GPU; one on a "
+    "CPU host, using all cores]",
+)
+@click.option(
+    "--device",
+    envvar="IMGPIPE_DEVICE",
+    show_envvar=True,
+    help="auto, cpu, cuda or cuda:N; with auto and several processes, GPUs are dealt round-robin.  [default: auto]",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="IMGPIPE_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus /metrics on this port (0: any free port).",
+)
+@click.option(
+    "--metrics-bind",
+    envvar="IMGPIPE_METRICS_BIND",
+    show_envvar=True,
+    help=f"Address /metrics binds to.  [default: {defaults.METRICS_BIND}]",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IMGPIPE_MODEL",
+    show_envvar=True,
+    help="Model file (TorchScript from `imgpipe train`).  [default: the demo model]",
+)
+@click.option(
+    "--allowed-roots",
+    envvar="IMGPIPE_ALLOWED_ROOTS",
+    show_envvar=True,
+    help="Colon-separated directories this worker may read; required. Paths that resolve elsewhere "
+    "(symlinks, ..) become error records and are never opened.",
+)
+@click.option(
+    "--redis-url",
+    envvar="IMGPIPE_REDIS_URL",
+    show_envvar=True,
+    help="Broker and result store.  [default: redis://localhost:6379/0]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    envvar="IMGPIPE_MAX_BATCH",
+    show_envvar=True,
+    help=f"Images per inference batch, gathered across messages.  [default: {defaults.MAX_BATCH}]",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.IntRange(min=0),
+    envvar="IMGPIPE_MAX_WAIT_MS",
+    show_envvar=True,
+    help=f"Longest wait for a batch to fill before running it partly full.  [default: {defaults.MAX_WAIT_MS}]",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    envvar="IMGPIPE_PREFETCH",
+    show_envvar=True,
+    help="Messages one process holds at once.  [default: 2 x max batch]",
+)
 @click.option("--loglevel", type=click.Choice(LOGLEVELS), default="info", show_default=True)
 @click.option("--parent-pid", type=int, hidden=True)
 def worker(
@@ -91,9 +136,7 @@ def worker(
     settings = Settings.from_env()
     settings = settings.with_section(
         redis=replace(settings.redis, url=redis_url or settings.redis.url),
-        model=replace(
-            settings.model, path=model_path or settings.model.path, device=device or settings.model.device
-        ),
+        model=replace(settings.model, path=model_path or settings.model.path, device=device or settings.model.device),
         batch=replace(
             settings.batch,
             max_batch=max_batch if max_batch is not None else settings.batch.max_batch,
@@ -101,7 +144,8 @@ def worker(
         ),
         security=replace(
             settings.security,
-            allowed_roots=parse_roots(allowed_roots, "--allowed-roots") if allowed_roots
+            allowed_roots=parse_roots(allowed_roots, "--allowed-roots")
+            if allowed_roots
             else settings.security.allowed_roots,
         ),
         metrics=replace(
@@ -133,36 +177,29 @@ def worker(
 
 def plan_devices(device: str, concurrency: int | None) -> list[str]:
     """The device of each worker process: one per GPU (round-robin when asked for more), else the CPU."""
-    spec = device.strip().lower()
-    if spec == "cpu" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        return [spec] * (concurrency or 1)
-    if spec not in ("auto", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    spec = parse_device(device)
+    if spec.kind == "cpu" or spec.index is not None:  # one fixed device: each process checks it exists
+        return [str(spec)] * (concurrency or 1)
     import torch  # counting GPUs here creates no CUDA context, and children are new interpreters anyway
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus == 0:
-        if spec == "cuda":
-            raise ConfigError("device 'cuda' requested but no CUDA GPU is visible; valid: auto, cpu")
-        return ["cpu"] * (concurrency or 1)
-    return [f"cuda:{i % gpus}" for i in range(concurrency or gpus)]
+    return spec.plan(torch.cuda.device_count() if torch.cuda.is_available() else 0, concurrency)
 
 
 def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int | None = None) -> int:
     """Load the model, start the batcher and run a Celery worker (threads pool) here until stopped."""
-    from model.engine import Engine
-    from producer.enqueue import publish
-    from worker import metrics
-    from worker.app import make_app, prefetch
-    from worker.batcher import Batcher
-    from worker.pipeline import Pipeline, PipelineLimits
-    from worker.store import ResultStore
-    from worker.sweeper import Sweeper
-    from worker.tasks import register
+    from imgpipe.broker import publish
+    from imgpipe.model.engine import Engine
+    from imgpipe.registry import Heartbeat, WorkerInfo
+    from imgpipe.worker import metrics
+    from imgpipe.worker.app import make_app, prefetch
+    from imgpipe.worker.batcher import Batcher
+    from imgpipe.worker.pipeline import Pipeline, PipelineLimits
+    from imgpipe.worker.store import ResultStore
+    from imgpipe.worker.sweeper import Sweeper
+    from imgpipe.worker.tasks import register
 
     client = redis_client(settings.redis)
-    engine = Engine.load(settings.model.resolved_path(), device, topk=settings.model.topk,
-                         security=settings.security)
+    engine = Engine.load(settings.model.resolved_path(), device, topk=settings.model.topk, security=settings.security)
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
     server = metrics.start_metrics_server(settings.metrics)
     batcher = Batcher(engine, settings.batch).start()
@@ -175,18 +212,35 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         publish(app, job_id, paths, message_id)
 
     sweeper = Sweeper(client, settings.redis.queue, settings.redis.visibility_timeout, resend).start()
+    hostname = f"imgpipe-{os.getpid()}@{socket.gethostname()}"
+    me = WorkerInfo(
+        id=hostname,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        model=engine.model_id,
+        device=str(engine.device),
+        queues=(settings.redis.queue,),
+        started=time.time(),
+    )
+    heartbeat = Heartbeat(client, me, batcher.health).start()
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid)
     log.info(
         "imgpipe worker %d: model %s on %s; queue %r at %s; allowed roots %s; batches of up to %d images "
         "(waiting up to %d ms); %d messages at a time%s",
-        os.getpid(), engine.model_id, engine.device, settings.redis.queue, safe_url(settings.redis.url),
-        ":".join(str(r) for r in settings.security.allowed_roots), settings.batch.max_batch,
-        settings.batch.max_wait_ms, prefetch(settings),
+        os.getpid(),
+        engine.model_id,
+        engine.device,
+        settings.redis.queue,
+        safe_url(settings.redis.url),
+        ":".join(str(r) for r in settings.security.allowed_roots),
+        settings.batch.max_batch,
+        settings.batch.max_wait_ms,
+        prefetch(settings),
         f"; metrics on port {server.port}" if server is not None else "",
     )
     celery_worker = app.Worker(
-        hostname=f"imgpipe-{os.getpid()}@{socket.gethostname()}",
+        hostname=hostname,
         queues=[settings.redis.queue],
         loglevel=loglevel.upper(),
         quiet=True,
@@ -198,6 +252,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     try:
         celery_worker.start()
     finally:
+        heartbeat.close()
         sweeper.close()
         batcher.close()
         if server is not None:
@@ -235,13 +290,18 @@ class Supervisor:
 
     def run(self) -> int:
         os.environ[_MULTIPROC_ENV] = self.metrics_dir  # for this process's collector and every child
-        from worker import metrics
+        from imgpipe.worker import metrics
 
         server = metrics.start_metrics_server(self.settings.metrics)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        log.info("imgpipe worker supervisor %d: %d processes on %s%s", os.getpid(), len(self.devices),
-                 ", ".join(self.devices), f"; metrics on port {server.port}" if server is not None else "")
+        log.info(
+            "imgpipe worker supervisor %d: %d processes on %s%s",
+            os.getpid(),
+            len(self.devices),
+            ", ".join(self.devices),
+            f"; metrics on port {server.port}" if server is not None else "",
+        )
         try:
             for index in range(len(self.devices)):
                 self._spawn(index)
@@ -258,15 +318,23 @@ class Supervisor:
     def _command(self, index: int) -> list[str]:
         s = self.settings
         command = [
-            sys.executable, "-m", "imgpipe", "worker",
-            "--concurrency", "1",
-            "--device", self.devices[index],
-            "--model", str(s.model.resolved_path()),
-            "--allowed-roots", os.pathsep.join(str(r) for r in s.security.allowed_roots),
-            "--max-batch", str(s.batch.max_batch),
-            "--max-wait-ms", str(s.batch.max_wait_ms),
-            "--loglevel", self.loglevel,
-            "--parent-pid", str(os.getpid()),
+            *imgpipe_argv("worker"),
+            "--concurrency",
+            "1",
+            "--device",
+            self.devices[index],
+            "--model",
+            str(s.model.resolved_path()),
+            "--allowed-roots",
+            os.pathsep.join(str(r) for r in s.security.allowed_roots),
+            "--max-batch",
+            str(s.batch.max_batch),
+            "--max-wait-ms",
+            str(s.batch.max_wait_ms),
+            "--loglevel",
+            self.loglevel,
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if s.worker.prefetch is not None:
             command += ["--prefetch", str(s.worker.prefetch)]
@@ -305,8 +373,9 @@ class Supervisor:
                 self._stop_children()
                 continue
             delay = min(30.0, 2.0 ** self.quick_failures[index])
-            log.warning("worker process %d (pid %d) exited with %d; starting another in %.0f s",
-                        index, child.pid, code, delay)
+            log.warning(
+                "worker process %d (pid %d) exited with %d; starting another in %.0f s", index, child.pid, code, delay
+            )
             self.restarts[index] = now + delay
         for index, when in list(self.restarts.items()):
             if self.stopping:

@@ -20,9 +20,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from imgpipe import broker, defaults, keys
-from imgpipe.progress import RATE_WINDOW_S, RateWindow, drain_seconds, read_jobs
+from imgpipe.jobs import RATE_WINDOW_S, RateWindow, drain_seconds, read_jobs
 from imgpipe.settings import MetricsSettings, RedisSettings, Settings
-from worker import metrics
+from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,37 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 @click.command("exporter")
-@click.option("--port", type=click.IntRange(0, 65535), default=defaults.EXPORTER_PORT, show_default=True,
-              envvar="IMGPIPE_EXPORTER_PORT", help="Port of /metrics (0: any free port, printed).")
-@click.option("--bind", default="0.0.0.0", show_default=True, envvar="IMGPIPE_EXPORTER_BIND",
-              help="Address /metrics binds to.")
-@click.option("--redis-url", envvar="IMGPIPE_REDIS_URL", default=None,
-              help="Redis holding the queue and jobs [env IMGPIPE_REDIS_URL; default redis://localhost:6379/0].")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=SAMPLE_INTERVAL_S, show_default=True,
-              help="Seconds between background reads of Redis.")
-@click.option("--window", type=click.FloatRange(min=1.0), default=RATE_WINDOW_S, show_default=True,
-              help="Seconds of history behind the recent rate and drain time.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=defaults.EXPORTER_PORT,
+    show_default=True,
+    envvar="IMGPIPE_EXPORTER_PORT",
+    help="Port of /metrics (0: any free port, printed).",
+)
+@click.option(
+    "--bind", default="0.0.0.0", show_default=True, envvar="IMGPIPE_EXPORTER_BIND", help="Address /metrics binds to."
+)
+@click.option(
+    "--redis-url",
+    envvar="IMGPIPE_REDIS_URL",
+    default=None,
+    help="Redis holding the queue and jobs [env IMGPIPE_REDIS_URL; default redis://localhost:6379/0].",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=SAMPLE_INTERVAL_S,
+    show_default=True,
+    help="Seconds between background reads of Redis.",
+)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=1.0),
+    default=RATE_WINDOW_S,
+    show_default=True,
+    help="Seconds of history behind the recent rate and drain time.",
+)
 def exporter(port: int, bind: str, redis_url: str | None, interval: float, window: float) -> None:
     """Serve queue and job metrics from Redis for Prometheus: queue depth, in flight, backlog, recent rate,
     drain time (backlog / recent rate: the signal an autoscaler wants) and dead letters.
@@ -177,17 +198,17 @@ def exporter(port: int, bind: str, redis_url: str | None, interval: float, windo
     try:
         collector.sample()
     except redis.RedisError as exc:
-        click.echo(f"imgpipe exporter: warning: Redis not reachable yet ({exc}); serving imgpipe_redis_up 0",
-                   err=True)
-    server = metrics.start_metrics_server(MetricsSettings(port=port, bind=bind), [collector.start()],
-                                          worker=False)
+        click.echo(f"imgpipe exporter: warning: Redis not reachable yet ({exc}); serving imgpipe_redis_up 0", err=True)
+    server = metrics.start_metrics_server(MetricsSettings(port=port, bind=bind), [collector.start()], worker=False)
     assert server is not None  # a port was given
-    click.echo(f"imgpipe exporter: serving http://{bind}:{server.port}/metrics for queue "
-               f"{redis_settings.queue!r} (Ctrl-C to stop)", err=True)
+    click.echo(
+        f"imgpipe exporter: serving http://{bind}:{server.port}/metrics for queue "
+        f"{redis_settings.queue!r} (Ctrl-C to stop)",
+        err=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     collector.stop()
     server.close()
-

@@ -69,19 +69,24 @@ ERRORS = Counter("imgpipe_errors_total", "Images that failed, by reason", ["reas
 # Messages moved to the dead-letter list after too many deliveries.
 DEAD_LETTERS = Counter("imgpipe_dead_letters_total", "Messages dead-lettered after repeated failed delivery")
 # Images this worker has taken from the queue and not yet recorded (summed over its live processes).
-IN_FLIGHT = Gauge("imgpipe_in_flight_images", "Images taken by this worker and not yet recorded",
-                  multiprocess_mode="livesum")
+IN_FLIGHT = Gauge(
+    "imgpipe_in_flight_images", "Images taken by this worker and not yet recorded", multiprocess_mode="livesum"
+)
 # Model each worker serves: imgpipe_model_info{name, sha} 1. A Gauge, not an Info: Info does not
 # work in prometheus_client's multiprocess mode.
-MODEL_INFO = Gauge("imgpipe_model_info", "Model served by this worker", ["name", "sha"],
-                   multiprocess_mode="max")
+MODEL_INFO = Gauge("imgpipe_model_info", "Model served by this worker", ["name", "sha"], multiprocess_mode="max")
 # The worker itself: imgpipe_worker_info{version, device} 1 while its metrics are served (Prometheus' `up`
 # says whether it answers; this says what it is).
-WORKER_INFO = Gauge("imgpipe_worker_info", "imgpipe version and inference device of this worker",
-                    ["version", "device"], multiprocess_mode="max")
+WORKER_INFO = Gauge(
+    "imgpipe_worker_info",
+    "imgpipe version and inference device of this worker",
+    ["version", "device"],
+    multiprocess_mode="max",
+)
 # Bytes held by PyTorch's CUDA allocator in this worker's processes, per GPU index.
-GPU_ALLOCATED = Gauge("imgpipe_gpu_memory_allocated_bytes", "CUDA memory allocated by this worker",
-                      ["gpu"], multiprocess_mode="livesum")
+GPU_ALLOCATED = Gauge(
+    "imgpipe_gpu_memory_allocated_bytes", "CUDA memory allocated by this worker", ["gpu"], multiprocess_mode="livesum"
+)
 
 STAGES = ("decode", "infer", "write")
 STATUSES = ("ok", "error")
@@ -92,7 +97,7 @@ GPU_MEMORY_TOTAL = "imgpipe_gpu_memory_total_bytes"
 GPU_UTILIZATION = "imgpipe_gpu_utilization_ratio"
 
 # ----------------------------------------------------------------------------------------------------
-# Queue and job metrics: read from Redis by worker.exporter.RedisCollector (one process, no mmap files).
+# Queue and job metrics: read from Redis by imgpipe.worker.exporter.RedisCollector (one process, no mmap files).
 # ----------------------------------------------------------------------------------------------------
 
 # Messages (chunks of paths) waiting in the broker queue, all priorities.
@@ -180,8 +185,9 @@ class NvmlCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         used = GaugeMetricFamily(GPU_MEMORY_USED, "GPU memory in use (all processes), NVML", labels=["gpu"])
         total = GaugeMetricFamily(GPU_MEMORY_TOTAL, "GPU memory size, NVML", labels=["gpu"])
-        util = GaugeMetricFamily(GPU_UTILIZATION, "Fraction of the last sample period a kernel ran, NVML",
-                                 labels=["gpu"])
+        util = GaugeMetricFamily(
+            GPU_UTILIZATION, "Fraction of the last sample period a kernel ran, NVML", labels=["gpu"]
+        )
         for i in range(self._count):
             try:
                 handle = self._nvml.nvmlDeviceGetHandleByIndex(i)
@@ -278,15 +284,13 @@ def mark_this_process_dead() -> None:
         mark_process_dead(os.getpid(), path)
 
 
-def build_registry(
-    collectors: Iterable[Collector] = (), *, worker: bool = True
-) -> tuple[CollectorRegistry, bool]:
+def build_registry(collectors: Iterable[Collector] = (), *, worker: bool = True) -> tuple[CollectorRegistry, bool]:
     """The registry /metrics serves, plus whether it is in multiprocess mode.
 
     ``worker``: the worker metrics above, summed over every process in multiprocess mode (else this process's
     own, with process/platform metrics), and NVML GPU gauges when a GPU exists. Not a worker (the exporter):
     only ``collectors`` and this process's resource usage. ``collectors`` are added in both cases
-    (e.g. worker.exporter.RedisCollector).
+    (e.g. imgpipe.worker.exporter.RedisCollector).
     """
     registry = CollectorRegistry()
     path = multiprocess_dir() if worker else None
@@ -324,8 +328,12 @@ def start_metrics_server(
         where = f"{settings.bind}:{settings.port}"
         raise ConfigError(f"cannot serve metrics on {where}: {exc.strerror}") from None
     port = int(server.server_port)
-    log.info("metrics on http://%s:%d/metrics (%s)", settings.bind, port,
-             "multiprocess" if multiprocess else "single process")
+    log.info(
+        "metrics on http://%s:%d/metrics (%s)",
+        settings.bind,
+        port,
+        "multiprocess" if multiprocess else "single process",
+    )
     return MetricsServer(server=server, thread=thread, port=port, multiprocess=multiprocess)
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from imgpipe import keys
 from imgpipe.errors import RetryableError
+from imgpipe.model.engine import Engine
 from imgpipe.records import Record, error_record
-from model.engine import Engine
-from worker import metrics
-from worker.batcher import Batcher
-from worker.store import ResultStore
+from imgpipe.worker import metrics
+from imgpipe.worker.batcher import Batcher
+from imgpipe.worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class Pipeline:
         started = time.monotonic()
         delivery = self.store.begin(message_id, job_id, paths)
         if not delivery.job_exists:
-            log.warning("message %s: job %r does not exist (expired or never created); dropped",
-                        message_id, job_id)
+            log.warning("message %s: job %r does not exist (expired or never created); dropped", message_id, job_id)
             return 0
         if not delivery.todo:
             self.store.forget(message_id, job_id)  # a redelivered message whose records were all written
@@ -84,9 +83,7 @@ class Pipeline:
             )
         return [future.result() for future in futures]
 
-    def _dead_letter(
-        self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str
-    ) -> int:
+    def _dead_letter(self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str) -> int:
         model = self.engine.model_id
         message = f"gave up after {count - 1} deliveries: {reason}"
         records = [error_record(path, message, model, "dead_letter") for path in paths]
@@ -102,8 +99,15 @@ class Pipeline:
         self._count(written or [])
         if written:
             metrics.DEAD_LETTERS.inc()
-            log.error("message %s of job %s dead-lettered to %s after %d deliveries (%d images failed): %s",
-                      message_id, job_id, keys.DEAD_LETTER, count - 1, len(written), reason)
+            log.error(
+                "message %s of job %s dead-lettered to %s after %d deliveries (%d images failed): %s",
+                message_id,
+                job_id,
+                keys.DEAD_LETTER,
+                count - 1,
+                len(written),
+                reason,
+            )
         self.store.forget(message_id, job_id)
         return len(written or [])
 

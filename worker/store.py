@@ -14,14 +14,15 @@ from typing import Any
 import redis
 
 from imgpipe import keys
-from imgpipe.progress import as_text
+from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text
 from imgpipe.records import Record
-from producer.jobs import FINISH_IF_COMPLETE_LUA
 
 # KEYS: job hash, results hash, dead-letter list.
 # ARGV: ttl seconds, model id, dead-letter JSON ('' for none), then (path, record JSON, status) triples.
 # Returns {1, i...} with the 0-based indices of the records written now, or {0} when the job does not exist.
-_WRITE_LUA = FINISH_IF_COMPLETE_LUA + """
+_WRITE_LUA = (
+    FINISH_IF_COMPLETE_LUA
+    + """
 local job, results = KEYS[1], KEYS[2]
 if redis.call('EXISTS', job) == 0 then return {0} end
 local written = {1}
@@ -46,6 +47,7 @@ if done + failed > 0 then
 end
 return written
 """
+)
 
 
 @dataclass(frozen=True)
@@ -116,4 +118,3 @@ class ResultStore:
         if not reply or int(reply[0]) == 0:
             return None
         return [records[int(i)] for i in reply[1:]]
-

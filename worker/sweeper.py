@@ -35,8 +35,9 @@ Resend = Callable[[str, list[str], str], None]  # (job id, paths, message id)
 class Sweeper:
     """Looks for lost messages every ``interval`` seconds (one worker at a time, under a Redis lock)."""
 
-    def __init__(self, client: redis.Redis, queue: str, grace_s: float, resend: Resend,
-                 interval_s: float | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, queue: str, grace_s: float, resend: Resend, interval_s: float | None = None
+    ) -> None:
         self.client = client
         self.queue = queue
         self.grace_s = grace_s

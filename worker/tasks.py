@@ -9,7 +9,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from imgpipe import keys
-from worker.pipeline import Pipeline
+from imgpipe.worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +17,7 @@ log = logging.getLogger(__name__)
 def register(app: Celery, pipeline: Pipeline) -> Task:
     """Register ``imgpipe.classify_chunk`` on ``app``, running ``pipeline`` (one per process)."""
 
-    @app.task(
-        name=keys.TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
-    )
+    @app.task(name=keys.TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def classify_chunk(self: Task, job_id: Any, paths: Any) -> int:
         """Classify one message's paths and write their records; Celery acknowledges when this returns."""
         if not (isinstance(job_id, str) and isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
@@ -27,8 +25,7 @@ def register(app: Celery, pipeline: Pipeline) -> Task:
         try:
             return pipeline.process(self.request.id, job_id, paths)
         except Exception as exc:  # give it back; after IMGPIPE_MAX_DELIVERIES starts it is dead-lettered
-            log.warning("message %s failed, giving it back: %s: %s",
-                        self.request.id, exc.__class__.__name__, exc)
+            log.warning("message %s failed, giving it back: %s: %s", self.request.id, exc.__class__.__name__, exc)
             pipeline.failed(self.request.id, exc)
             raise Reject(str(exc), requeue=True) from exc
 

@@ -1,12 +1,18 @@
-"""The job record in Redis: create, add to the total, seal, read progress (rate, ETA) and the records."""
+"""The job record in Redis, shared by producers, workers, status and the exporter.
+
+Create, add to the total, seal, the job-finishing Lua that workers run after each write, and the readers:
+progress, rate and ETA, the one recent-rate and drain-time estimate, and the records.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +20,154 @@ import redis
 
 from imgpipe import keys
 from imgpipe.errors import ConfigError
-from imgpipe.progress import JobProgress, as_float, read_jobs_with, recent_job_ids
 from imgpipe.records import Record
+
+# Jobs read per sample, newest first: bounds the Redis work of one scrape however many jobs are kept.
+MAX_JOBS_READ = 10_000
+# Seconds of history behind a "recent" rate: long enough to smooth batch bursts, short enough to follow load.
+RATE_WINDOW_S = 60.0
+
+_FIELDS = ("total", "done", "failed", "created", "finished", "sealed")
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """One job's counters as the producer and workers keep them in its Redis hash."""
+
+    job_id: str
+    total: int
+    done: int
+    failed: int
+    created: float
+    finished: float | None
+    sealed: bool
+
+    @property
+    def completed(self) -> int:
+        """Images with a record: classified or failed."""
+        return self.done + self.failed
+
+    @property
+    def backlog(self) -> int:
+        """Images enqueued but not yet recorded (0 once the job is finished)."""
+        return 0 if self.finished is not None else max(0, self.total - self.completed)
+
+    @property
+    def active(self) -> bool:
+        """Still running: not finished, with images left or enqueueing still going on."""
+        return self.finished is None and (self.backlog > 0 or not self.sealed)
+
+    @classmethod
+    def from_hash(cls, job_id: str, values: Sequence[Any]) -> JobProgress | None:
+        """Build from HMGET values in ``_FIELDS`` order; None when the hash no longer exists."""
+        raw = dict(zip(_FIELDS, (as_text(v) for v in values), strict=True))
+        if all(v is None for v in raw.values()):
+            return None
+        return cls(
+            job_id=job_id,
+            total=as_int(raw["total"]),
+            done=as_int(raw["done"]),
+            failed=as_int(raw["failed"]),
+            created=as_float(raw["created"]) or 0.0,
+            finished=as_float(raw["finished"]),
+            sealed=raw["sealed"] not in (None, "", "0"),
+        )
+
+
+def recent_job_ids(client: Any, limit: int = MAX_JOBS_READ) -> list[str]:
+    """The newest ``limit`` job ids, newest first."""
+    return [as_text(j) or "" for j in client.zrevrange(keys.JOBS, 0, limit - 1)]
+
+
+def read_jobs_with(
+    client: Any, job_ids: Sequence[str], extra: Sequence[str] = ()
+) -> list[tuple[JobProgress, list[str | None]]]:
+    """Progress of ``job_ids`` plus the ``extra`` fields of each job's hash, in one pipelined round trip.
+
+    ``client`` is a ``redis.Redis``; jobs whose hash has expired are left out.
+    """
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), [*_FIELDS, *extra])
+    jobs = []
+    for job_id, values in zip(job_ids, pipe.execute(), strict=True):
+        job = JobProgress.from_hash(job_id, values[: len(_FIELDS)])
+        if job is not None:
+            jobs.append((job, [as_text(v) for v in values[len(_FIELDS) :]]))
+    return jobs
+
+
+def read_jobs(client: Any, job_ids: Sequence[str] | None = None, limit: int = MAX_JOBS_READ) -> list[JobProgress]:
+    """Progress of ``job_ids`` (default: the newest ``limit`` jobs); jobs whose hash has expired are left out."""
+    ids = recent_job_ids(client, limit) if job_ids is None else job_ids
+    return [job for job, _ in read_jobs_with(client, ids)]
+
+
+class RateWindow:
+    """Images completed per second over the last ``window`` seconds, from successive per-job counts.
+
+    Feed it ``add(now, {job_id: completed})`` every few seconds. Counts are compared job by job, so a job
+    that expires from Redis does not make the rate negative, and a job that appears counts from zero.
+    """
+
+    def __init__(self, window: float = RATE_WINDOW_S) -> None:
+        if window <= 0:
+            raise ValueError(f"rate window must be positive, got {window}")
+        self.window = window
+        self._samples: deque[tuple[float, dict[str, int]]] = deque()
+
+    def add(self, now: float, counts: Mapping[str, int]) -> None:
+        """Record the completed count of each job at time ``now`` (seconds, monotonic or epoch)."""
+        if self._samples and now <= self._samples[-1][0]:
+            return  # same instant (or a clock step back): nothing new to learn
+        self._samples.append((now, dict(counts)))
+        # Keep exactly one sample at or before the window's start, as the rate's base.
+        while len(self._samples) >= 2 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
+
+    def rate(self, job_id: str | None = None) -> float | None:
+        """Images per second (of one job, or of all); None until two samples are at least a second apart."""
+        if len(self._samples) < 2:
+            return None
+        (t0, old), (t1, new) = self._samples[0], self._samples[-1]
+        if t1 - t0 < 1.0:
+            return None
+        ids = new.keys() if job_id is None else [job_id]
+        gained = sum(max(0, new.get(j, 0) - old.get(j, 0)) for j in ids)
+        return gained / (t1 - t0)
+
+
+def drain_seconds(backlog: int, rate: float | None) -> float:
+    """Estimated seconds to clear ``backlog`` at ``rate`` images/s: 0 when empty, +Inf when nothing moves."""
+    if backlog <= 0:
+        return 0.0
+    if rate is None or rate <= 0:
+        return math.inf
+    return backlog / rate
+
+
+def as_text(value: Any) -> str | None:
+    """A Redis reply value (bytes, str or None) as text."""
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def as_int(value: str | None) -> int:
+    """A counter field as an int (0 when absent or malformed)."""
+    try:
+        return int(float(value)) if value else 0
+    except ValueError:
+        return 0
+
+
+def as_float(value: str | None) -> float | None:
+    """A timestamp field as a float (None when absent or malformed)."""
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KINDS = ("batch", "stream")
@@ -35,12 +187,15 @@ local function now_string()
 end
 """
 
-_SEAL_LUA = FINISH_IF_COMPLETE_LUA + """
+_SEAL_LUA = (
+    FINISH_IF_COMPLETE_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'sealed', '1')
 finish_if_complete(KEYS[1], now_string())
 return 1
 """
+)
 
 
 def new_job_id() -> str:
@@ -72,8 +227,9 @@ def create_job(
     if not client.hsetnx(key, "created", f"{now:.6f}"):
         raise ConfigError(f"job {job_id!r} already exists; choose another --job id (`imgpipe status` lists jobs)")
     pipe = client.pipeline(transaction=True)
-    pipe.hset(key, mapping={"total": 0, "done": 0, "failed": 0, "sealed": 0, "kind": kind,
-                            "roots": json.dumps(list(roots))})
+    pipe.hset(
+        key, mapping={"total": 0, "done": 0, "failed": 0, "sealed": 0, "kind": kind, "roots": json.dumps(list(roots))}
+    )
     pipe.expire(key, ttl_seconds)
     pipe.zadd(keys.JOBS, {job_id: now})
     pipe.execute()
@@ -89,8 +245,10 @@ def add_to_total(pipe: Any, job_id: str, count: int, ttl_seconds: int) -> None:
 def add_pending(pipe: Any, job_id: str, messages: dict[str, list[str]], ttl_seconds: int) -> None:
     """Queue, on a Redis pipeline, the record of messages about to be sent (id -> paths), until completed."""
     now = time.time()
-    pipe.hset(keys.job_pending(job_id),
-              mapping={mid: json.dumps({"paths": paths, "at": now}) for mid, paths in messages.items()})
+    pipe.hset(
+        keys.job_pending(job_id),
+        mapping={mid: json.dumps({"paths": paths, "at": now}) for mid, paths in messages.items()},
+    )
     pipe.expire(keys.job_pending(job_id), ttl_seconds)
     pipe.sadd(keys.PENDING_JOBS, job_id)
 
@@ -181,9 +339,7 @@ class JobStatus:
         }
 
 
-def job_statuses(
-    client: redis.Redis, job_ids: Sequence[str] | None = None, limit: int = 100
-) -> list[JobStatus]:
+def job_statuses(client: redis.Redis, job_ids: Sequence[str] | None = None, limit: int = 100) -> list[JobStatus]:
     """Status of ``job_ids`` (default: the newest ``limit`` jobs), newest first; expired jobs are left out."""
     ids = recent_job_ids(client, limit) if job_ids is None else list(job_ids)
     now = time.time()
@@ -210,4 +366,3 @@ def iter_records(client: redis.Redis, job_id: str, count: int = 1000) -> Iterato
     """A job's records as they are stored (no particular order), read in pages: memory stays flat."""
     for _path, raw in client.hscan_iter(keys.job_results(job_id), count=count):
         yield json.loads(raw)
-

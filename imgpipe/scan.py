@@ -1,4 +1,14 @@
-"""Recursive, streaming folder scan: yields image paths as os.scandir finds them, never building a list."""
+"""The one folder scanner: which files under a folder are images, in which order (classify, enqueue, watch, train).
+
+The rules, the same for every command:
+- recursive, depth first; within a folder, files first in name order, then its sub-folders in name order;
+- an image is a name ending in one of the image extensions (case-insensitive), that is a regular file or a
+  symlink (the worker decides whether a symlink's target may be read: see docs/pipeline.md);
+- symlinked folders are not followed (no loops, no escape from the tree);
+- a folder that cannot be read, or an entry that vanishes, is reported to ``on_error`` and skipped;
+- an input that is itself a file is taken as given, whatever its name.
+Streaming: memory grows with the width of one folder level and the depth, never with the number of files.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +34,7 @@ def scan(
 ) -> Iterator[str]:
     """Absolute paths of image files under ``root``, depth first, as they are found.
 
-    Memory grows with the depth and width of one directory level, not with the number of files.
-    Symlinked directories are not followed (no loops, no escaping the tree); symlinked files are yielded
-    as they are, and the worker decides whether their target may be read. Unreadable directories are
-    reported to ``on_error`` and skipped.
+    See the module docstring for the rules.
     """
     start = os.path.abspath(root)
     stack = [start]
@@ -35,7 +42,7 @@ def scan(
         directory = stack.pop()
         try:
             with os.scandir(directory) as entries:
-                subdirs = []
+                files, subdirs = [], []
                 for entry in entries:
                     try:
                         if entry.is_dir(follow_symlinks=False):
@@ -43,7 +50,7 @@ def scan(
                         elif is_image_name(entry.name, extensions) and (
                             entry.is_file(follow_symlinks=False) or entry.is_symlink()
                         ):
-                            yield entry.path
+                            files.append(entry.path)
                     except OSError as exc:  # the entry vanished or cannot be stat'ed
                         if on_error is not None:
                             on_error(entry.path, exc)
@@ -51,6 +58,7 @@ def scan(
             if on_error is not None:
                 on_error(directory, exc)
             continue
+        yield from sorted(files)
         stack.extend(reversed(sorted(subdirs)))
 
 

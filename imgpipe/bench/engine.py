@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgpipe.bench import SuiteResult, median_rate
-from model.data import iter_images
-from model.engine import Engine
-from model.preprocess import stack
+from imgpipe.bench.results import SuiteResult, median_rate
+from imgpipe.model.data import iter_images
+from imgpipe.model.engine import Engine
+from imgpipe.model.preprocess import stack
 
 
 def write_photos(out: Path, count: int, size: tuple[int, int] = (2048, 1536), seed: int = 0) -> Path:
@@ -25,8 +25,9 @@ def write_photos(out: Path, count: int, size: tuple[int, int] = (2048, 1536), se
     return out
 
 
-def run_bench(engine: Engine, data: Path, *, images: int, batch_size: int, decode_threads: int,
-              repeat: int, name: str = "engine") -> SuiteResult:
+def run_bench(
+    engine: Engine, data: Path, *, images: int, batch_size: int, decode_threads: int, repeat: int, name: str = "engine"
+) -> SuiteResult:
     """Images/s of three ways to classify ``images`` files from ``data`` (repeated to fill), median of ``repeat``."""
     files = [str(p.absolute()) for p in iter_images(data)]
     if not files:
@@ -49,15 +50,25 @@ def run_bench(engine: Engine, data: Path, *, images: int, batch_size: int, decod
 
     baseline()  # warm-up: page cache and the TorchScript executor
     result = SuiteResult(
-        name, "images/s",
+        name,
+        "images/s",
         f"{name}: {len(paths)} images from {data}, model {engine.model_id}, device {engine.device}, "
         f"torch threads {torch.get_num_threads()}, median of {repeat}",
         info={"images": len(paths)},
     )
-    result.add("baseline_batch1", median_rate(baseline, repeat), "baseline_batch1",
-               "one image at a time: decode, then predict")
-    result.add(f"batched_{batch_size}", median_rate(batched_only, repeat), "baseline_batch1",
-               f"batches of {batch_size}, decoded in the calling thread")
-    result.add(f"engine_batch{batch_size}_threads{decode_threads}", median_rate(engine_pipeline, repeat),
-               "baseline_batch1", f"Engine.classify: {decode_threads} decode threads overlap batched inference")
+    result.add(
+        "baseline_batch1", median_rate(baseline, repeat), "baseline_batch1", "one image at a time: decode, then predict"
+    )
+    result.add(
+        f"batched_{batch_size}",
+        median_rate(batched_only, repeat),
+        "baseline_batch1",
+        f"batches of {batch_size}, decoded in the calling thread",
+    )
+    result.add(
+        f"engine_batch{batch_size}_threads{decode_threads}",
+        median_rate(engine_pipeline, repeat),
+        "baseline_batch1",
+        f"Engine.classify: {decode_threads} decode threads overlap batched inference",
+    )
     return result

@@ -15,11 +15,11 @@ import redis
 from celery import Celery
 
 from imgpipe import keys
-from imgpipe.bench import BenchError, SuiteResult, median_rate
+from imgpipe.bench.results import BenchError, SuiteResult, median_rate
+from imgpipe.jobs import create_job, seal_job
+from imgpipe.producer.enqueue import Enqueuer, producer_app
+from imgpipe.scan import scan
 from imgpipe.settings import RedisSettings
-from producer.enqueue import Enqueuer, producer_app
-from producer.jobs import create_job, seal_job
-from producer.scan import scan
 
 # Files per leaf folder of the generated tree the scan walks; ten leaf folders per top-level folder.
 FILES_PER_DIR = 100
@@ -76,8 +76,10 @@ def run_enqueue_bench(redis_url: str, *, paths: int, chunk_size: int, scan_files
         queued = int(client.llen(settings.queue))
         expected = -(-len(sample) // chunk_size)
         if sent != len(sample) or total != len(sample) or queued != expected:
-            raise BenchError(f"enqueue bench: sent {sent}, total {total}, {queued} messages queued; "
-                               f"expected {len(sample)} paths in {expected} messages")
+            raise BenchError(
+                f"enqueue bench: sent {sent}, total {total}, {queued} messages queued; "
+                f"expected {len(sample)} paths in {expected} messages"
+            )
         return len(sample) / elapsed
 
     def naive(job_id: str, sample: list[str]) -> int:
@@ -113,15 +115,24 @@ def run_enqueue_bench(redis_url: str, *, paths: int, chunk_size: int, scan_files
 
     messages = -(-paths // chunk_size)
     result = SuiteResult(
-        "enqueue", "paths/s",
+        "enqueue",
+        "paths/s",
         f"enqueue: {paths} synthetic paths in {messages} messages of {chunk_size}, to a scratch redis-server "
         f"{server.get('redis_version', '?')} on 127.0.0.1, no worker; scan: {scan_files} empty files in "
         f"{folders} folders; median of {repeat}",
         info={"paths": paths, "chunk_size": chunk_size, "messages": messages, "scan_files": scan_files},
     )
-    result.add("baseline_send_task", statistics.median(naive_rates), "baseline_send_task",
-               "per chunk: HINCRBY, then app.send_task with default argsrepr")
-    result.add("imgpipe_enqueuer", statistics.median(imgpipe_rates), "baseline_send_task",
-               "producer.enqueue: pipelined total + pending records, kombu batch publish, short argsrepr")
+    result.add(
+        "baseline_send_task",
+        statistics.median(naive_rates),
+        "baseline_send_task",
+        "per chunk: HINCRBY, then app.send_task with default argsrepr",
+    )
+    result.add(
+        "imgpipe_enqueuer",
+        statistics.median(imgpipe_rates),
+        "baseline_send_task",
+        "producer.enqueue: pipelined total + pending records, kombu batch publish, short argsrepr",
+    )
     result.add("scan", scan_rate, None, "producer.scan over the tree (streaming os.scandir), no baseline")
     return result
