@@ -11,20 +11,24 @@ import click
 from imgpipe import __version__
 from imgpipe.errors import ConfigError
 
-# name -> "module:attribute" of a click command. Loaded only when named (or listed by --help), so
-# `imgpipe enqueue` on a producer host imports neither torch nor the worker.
-COMMANDS: dict[str, str] = {
-    "demo-data": "imgpipe.model.cli:demo_data",
-    "train": "imgpipe.model.cli:train",
-    "evaluate": "imgpipe.model.cli:evaluate",
-    "classify": "imgpipe.model.cli:classify",
-    "bench": "imgpipe.bench.cli:bench",
-    "worker": "imgpipe.worker.cli:worker",
-    "exporter": "imgpipe.worker.exporter:exporter",
-    "enqueue": "imgpipe.producer.cli:enqueue",
-    "watch": "imgpipe.producer.cli:watch",
-    "status": "imgpipe.producer.cli:status",
-    "results": "imgpipe.producer.cli:results",
+# name -> ("module:attribute" of a click command, the one-line help `imgpipe --help` shows). A command's module
+# is imported only when that command runs or shows its own help, so listing commands (and a producer host's
+# `imgpipe enqueue`) imports neither torch nor Celery.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": (
+        "imgpipe.model.cli:demo_data",
+        "Write the offline demo dataset (real handwritten digits) as PNG files.",
+    ),
+    "train": ("imgpipe.model.cli:train", "Train a CNN on an ImageFolder tree and export it as a model file."),
+    "evaluate": ("imgpipe.model.cli:evaluate", "Accuracy, per-class precision/recall and a confusion matrix."),
+    "classify": ("imgpipe.model.cli:classify", "Classify files and folders in-process (no Redis): JSONL or CSV."),
+    "bench": ("imgpipe.bench.cli:bench", "Benchmark imgpipe against the alternatives, as ratios from one run."),
+    "worker": ("imgpipe.worker.cli:worker", "Consume the queue: decode, batch, classify, write records to Redis."),
+    "exporter": ("imgpipe.worker.cli:exporter", "Serve queue backlog, rate and drain time for Prometheus."),
+    "enqueue": ("imgpipe.producer.cli:enqueue", "Scan folders, create a job and queue its images; prints the job id."),
+    "watch": ("imgpipe.producer.cli:watch", "Streaming: queue new image files as they appear in a folder."),
+    "status": ("imgpipe.producer.cli:status", "Job progress: total, done, failed, rate, ETA."),
+    "results": ("imgpipe.producer.cli:results", "Export a job's records as JSONL or CSV."),
 }
 
 
@@ -32,11 +36,17 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._available(name))
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the table, without importing any command's module."""
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = entry[0].split(":")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -50,7 +60,7 @@ class LazyGroup(click.Group):
 
     @staticmethod
     def _available(name: str) -> bool:
-        module_name = COMMANDS[name].split(":")[0]
+        module_name = COMMANDS[name][0].split(":")[0]
         return importlib.util.find_spec(module_name) is not None
 
     def invoke(self, ctx: click.Context) -> Any:

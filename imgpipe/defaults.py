@@ -33,6 +33,10 @@ WATCH_SETTLE_MS = 500
 STATUS_REFRESH_S = 0.5
 # Address the worker's /metrics endpoint binds to.
 METRICS_BIND = "0.0.0.0"
+# Seconds between the exporter's background reads of Redis.
+EXPORTER_SAMPLE_S = 5.0
+# Seconds of history behind a "recent" rate (exporter, status): smooths batch bursts, still follows load.
+RATE_WINDOW_S = 60.0
 # Port of `imgpipe exporter`'s /metrics (queue depth, backlog, drain time).
 EXPORTER_PORT = 9808
 # File name of the demo model bundled in imgpipe.model.assets (used when IMGPIPE_MODEL is not set).

@@ -18,14 +18,14 @@ from typing import Any
 
 import redis
 
-from imgpipe import keys
+from imgpipe import defaults, keys
 from imgpipe.errors import ConfigError
 from imgpipe.records import Record
 
 # Jobs read per sample, newest first: bounds the Redis work of one scrape however many jobs are kept.
 MAX_JOBS_READ = 10_000
-# Seconds of history behind a "recent" rate: long enough to smooth batch bursts, short enough to follow load.
-RATE_WINDOW_S = 60.0
+# (imgpipe/defaults.py)
+RATE_WINDOW_S = defaults.RATE_WINDOW_S
 
 _FIELDS = ("total", "done", "failed", "created", "finished", "sealed")
 

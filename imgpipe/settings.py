@@ -6,16 +6,19 @@ This is the only module that reads ``os.environ``. Each component gets its own s
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import click
 
 from imgpipe import defaults
 from imgpipe.errors import ConfigError
 
 ENV_PREFIX = "IMGPIPE_"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class BatchSettings:
     max_batch: int = defaults.MAX_BATCH
     max_wait_ms: int = defaults.MAX_WAIT_MS
     decode_threads: int = defaults.DECODE_THREADS
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
     chunk_size: int = defaults.CHUNK_SIZE
     watch_settle_ms: int = defaults.WATCH_SETTLE_MS  # `imgpipe watch`: quiet time before a file is sent
 
@@ -60,10 +67,103 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ExporterSettings:
+    port: int = defaults.EXPORTER_PORT
+    bind: str = defaults.METRICS_BIND
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     concurrency: int | None = None  # None: one process per GPU, or one per CPU host
     max_deliveries: int = defaults.MAX_DELIVERIES
     prefetch: int | None = None  # messages held per process; None: PREFETCH_PER_BATCH_IMAGE x max_batch
+
+
+SECTIONS = ("redis", "model", "batch", "producer", "security", "metrics", "exporter", "worker")
+
+
+@dataclass(frozen=True)
+class Var:
+    """One ``IMGPIPE_*`` variable: where it lands in the settings, how it is read, and what it means."""
+
+    name: str  # after the IMGPIPE_ prefix
+    section: str
+    attr: str
+    kind: str  # text | int | optional_int | path | roots
+    help: str
+    minimum: int = 0
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+
+# Every variable any command honours: the one table the README's settings table is checked against.
+VARS: tuple[Var, ...] = (
+    Var("REDIS_URL", "redis", "url", "text", "broker and result store; rediss:// and passwords work"),
+    Var("QUEUE", "redis", "queue", "text", "the Celery queue producers send to and workers consume"),
+    Var(
+        "VISIBILITY_TIMEOUT",
+        "redis",
+        "visibility_timeout",
+        "int",
+        "seconds before an unacknowledged message is redelivered",
+        1,
+    ),
+    Var("RESULT_TTL_DAYS", "redis", "result_ttl_days", "int", "days a job's records and counters are kept", 1),
+    Var("MODEL", "model", "path", "path", "model file (TorchScript with imgpipe metadata); default: the bundled demo"),
+    Var("DEVICE", "model", "device", "text", "auto (first GPU, else CPU), cpu, cuda or cuda:N"),
+    Var("TOPK", "model", "topk", "int", "labels (with scores) per record", 1),
+    Var("MAX_BATCH", "batch", "max_batch", "int", "images per inference batch", 1),
+    Var("MAX_WAIT_MS", "batch", "max_wait_ms", "int", "longest a worker waits to fill a batch (ms)", 0),
+    Var("DECODE_THREADS", "batch", "decode_threads", "int", "threads reading and decoding images", 1),
+    Var("CHUNK_SIZE", "producer", "chunk_size", "int", "image paths per queue message (`enqueue`, `watch`)", 1),
+    Var(
+        "WATCH_SETTLE_MS",
+        "producer",
+        "watch_settle_ms",
+        "int",
+        "`watch`: ms a new file's size must stay unchanged before it is sent",
+        0,
+    ),
+    Var(
+        "ALLOWED_ROOTS",
+        "security",
+        "allowed_roots",
+        "roots",
+        "colon-separated directories a worker may read; anything else is refused (required by `worker`)",
+    ),
+    Var("MAX_FILE_BYTES", "security", "max_file_bytes", "int", "larger files are refused before decoding", 1),
+    Var("MAX_PIXELS", "security", "max_pixels", "int", "larger images are refused from their header", 1),
+    Var(
+        "METRICS_PORT", "metrics", "port", "optional_int", "port of a worker's /metrics (0: any free port; unset: off)"
+    ),
+    Var("METRICS_BIND", "metrics", "bind", "text", "address a worker's /metrics binds to"),
+    Var("EXPORTER_PORT", "exporter", "port", "int", "port of `imgpipe exporter`'s /metrics", 0),
+    Var("EXPORTER_BIND", "exporter", "bind", "text", "address `imgpipe exporter`'s /metrics binds to"),
+    Var(
+        "CONCURRENCY",
+        "worker",
+        "concurrency",
+        "optional_int",
+        "worker processes (default: one per GPU, one on a CPU host)",
+        1,
+    ),
+    Var("MAX_DELIVERIES", "worker", "max_deliveries", "int", "deliveries of a message before it is dead-lettered", 1),
+    Var(
+        "PREFETCH",
+        "worker",
+        "prefetch",
+        "optional_int",
+        "messages one worker process holds (default: 2 x max batch)",
+        1,
+    ),
+)
+VARS_BY_NAME = {var.name: var for var in VARS}
 
 
 @dataclass(frozen=True)
@@ -71,48 +171,49 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
+    producer: ProducerSettings = field(default_factory=ProducerSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    exporter: ExporterSettings = field(default_factory=ExporterSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``IMGPIPE_*`` variables; raises ConfigError naming the bad variable."""
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        sections: Iterable[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Settings from ``IMGPIPE_*`` variables, with command-line ``overrides`` applied in the same step.
+
+        Only the variables of ``sections`` (default: all) are read and validated, so a command is never
+        refused for a setting it does not use; the others keep their defaults. ``overrides`` maps a variable
+        name (``MAX_BATCH``) or a click parameter name (``max_batch``) to a flag's value; None means "not
+        given". A bad value raises ConfigError naming the variable or the flag.
+        """
         env = os.environ if env is None else env
-        get = _Reader(env)
-        return cls(
-            redis=RedisSettings(
-                url=get.text("REDIS_URL", defaults.REDIS_URL),
-                queue=get.text("QUEUE", defaults.QUEUE),
-                visibility_timeout=get.integer("VISIBILITY_TIMEOUT", defaults.VISIBILITY_TIMEOUT, minimum=1),
-                result_ttl_days=get.integer("RESULT_TTL_DAYS", defaults.RESULT_TTL_DAYS, minimum=1),
-            ),
-            model=ModelSettings(
-                path=get.path("MODEL"),
-                device=get.text("DEVICE", defaults.DEVICE),
-                topk=get.integer("TOPK", defaults.TOPK, minimum=1),
-            ),
-            batch=BatchSettings(
-                max_batch=get.integer("MAX_BATCH", defaults.MAX_BATCH, minimum=1),
-                max_wait_ms=get.integer("MAX_WAIT_MS", defaults.MAX_WAIT_MS, minimum=0),
-                decode_threads=get.integer("DECODE_THREADS", defaults.DECODE_THREADS, minimum=1),
-                chunk_size=get.integer("CHUNK_SIZE", defaults.CHUNK_SIZE, minimum=1),
-                watch_settle_ms=get.integer("WATCH_SETTLE_MS", defaults.WATCH_SETTLE_MS, minimum=0),
-            ),
-            security=SecuritySettings(
-                allowed_roots=get.roots("ALLOWED_ROOTS"),
-                max_file_bytes=get.integer("MAX_FILE_BYTES", defaults.MAX_FILE_BYTES, minimum=1),
-                max_pixels=get.integer("MAX_PIXELS", defaults.MAX_PIXELS, minimum=1),
-            ),
-            metrics=MetricsSettings(
-                port=get.optional_int("METRICS_PORT", minimum=0),
-                bind=get.text("METRICS_BIND", defaults.METRICS_BIND),
-            ),
-            worker=WorkerSettings(
-                concurrency=get.optional_int("CONCURRENCY", minimum=1),
-                max_deliveries=get.integer("MAX_DELIVERIES", defaults.MAX_DELIVERIES, minimum=1),
-                prefetch=get.optional_int("PREFETCH", minimum=1),
-            ),
+        wanted = set(SECTIONS if sections is None else sections)
+        unknown = wanted - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown settings sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+        given = {key.upper(): value for key, value in (overrides or {}).items() if value is not None}
+        for key in given:
+            if key not in VARS_BY_NAME:
+                raise ValueError(f"override {key!r} is not a setting; valid: {', '.join(VARS_BY_NAME)}")
+        values: dict[str, dict[str, Any]] = {section: {} for section in wanted}
+        for var in VARS:
+            if var.section not in wanted:
+                continue
+            if var.name in given:
+                value = _read(var, _as_text(given[var.name]), var.flag)
+            else:
+                raw = env.get(var.env)
+                value = _read(var, raw, var.env) if raw not in (None, "") else _NOT_SET
+            if value is not _NOT_SET:
+                values[var.section][var.attr] = value
+        settings = cls()
+        return replace(
+            settings, **{section: replace(getattr(settings, section), **kw) for section, kw in values.items()}
         )
 
     def with_section(self, **sections: Any) -> Settings:
@@ -120,51 +221,46 @@ class Settings:
         return replace(self, **sections)
 
 
+_NOT_SET = object()
+
+
+def _as_text(value: Any) -> str:
+    return os.pathsep.join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _read(var: Var, raw: str | None, source: str) -> Any:
+    """``raw`` parsed as ``var`` says; ConfigError naming ``source`` (the variable or the flag) when invalid."""
+    if raw is None:
+        return _NOT_SET
+    if var.kind == "text":
+        return raw
+    if var.kind == "path":
+        return Path(raw).expanduser()
+    if var.kind == "roots":
+        return parse_roots(raw, source)
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r} is not an integer") from None
+    if number < var.minimum:
+        raise ConfigError(f"{source}={number} must be >= {var.minimum}")
+    return number
+
+
+def setting_option(name: str, *flags: str, help: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """A click option for the ``IMGPIPE_<name>`` setting: the flag overrides the variable in one place
+    (``Settings.from_env(overrides=...)``), so click reads no environment and the help names both."""
+    var = VARS_BY_NAME[name]
+    default = getattr(getattr(Settings(), var.section), var.attr)
+    shown = "" if default is None or var.kind == "roots" else f"; default {default}"
+    text = f"{help or var.help[:1].upper() + var.help[1:]}.  [env {var.env}{shown}]"
+    return click.option(*(flags or (var.flag,)), name.lower(), default=None, help=text, **kwargs)
+
+
 def default_model_path() -> Path:
     """The demo CNN shipped as package data of ``imgpipe.model.assets`` (trained by ``imgpipe train`` on the
     demo data); found through importlib.resources, so it works from a wheel, an editable install or a zip."""
     return Path(str(resources.files("imgpipe.model.assets").joinpath(defaults.BUNDLED_MODEL)))
-
-
-class _Reader:
-    """Typed access to ``IMGPIPE_*`` variables with one clear error per bad value."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def _raw(self, name: str) -> str | None:
-        value = self._env.get(ENV_PREFIX + name)
-        return value if value not in (None, "") else None
-
-    def text(self, name: str, default: str) -> str:
-        value = self._raw(name)
-        return default if value is None else value
-
-    def optional_int(self, name: str, minimum: int) -> int | None:
-        value = self._raw(name)
-        if value is None:
-            return None
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{name}={value!r} is not an integer") from None
-        if number < minimum:
-            raise ConfigError(f"{ENV_PREFIX}{name}={number} must be >= {minimum}")
-        return number
-
-    def integer(self, name: str, default: int, minimum: int) -> int:
-        value = self.optional_int(name, minimum)
-        return default if value is None else value
-
-    def path(self, name: str) -> Path | None:
-        value = self._raw(name)
-        return None if value is None else Path(value).expanduser()
-
-    def roots(self, name: str) -> tuple[Path, ...]:
-        value = self._raw(name)
-        if value is None:
-            return ()
-        return parse_roots(value, f"{ENV_PREFIX}{name}")
 
 
 def parse_roots(value: str, source: str = "allowed roots") -> tuple[Path, ...]:

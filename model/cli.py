@@ -11,21 +11,21 @@ from typing import IO, Any
 import click
 
 from imgpipe.errors import ConfigError
-from imgpipe.model.data import iter_images
 from imgpipe.records import RecordWriter, format_for
 from imgpipe.scan import scan
-from imgpipe.settings import Settings
+from imgpipe.settings import Settings, setting_option
 
-ENV_NOTE = "Environment: IMGPIPE_MODEL, IMGPIPE_DEVICE, IMGPIPE_MAX_BATCH, IMGPIPE_DECODE_THREADS, IMGPIPE_TOPK."
+ENV_NOTE = "Also honoured: IMGPIPE_MAX_FILE_BYTES, IMGPIPE_MAX_PIXELS (images refused before decoding)."
+# What the in-process commands read (and so validate): never Redis, producer or worker settings.
+ENGINE_SECTIONS = ("model", "batch", "security")
 
 
-def load_engine(model: Path | None, device: str | None, topk: int | None, settings: Settings) -> Any:
-    """The engine for a model file (default: IMGPIPE_MODEL or the bundled one), with the security settings."""
+def load_engine(settings: Settings) -> Any:
+    """The engine for ``settings.model`` (IMGPIPE_MODEL or the bundled one), with the security settings."""
     from imgpipe.model.engine import Engine
 
-    path = model or settings.model.resolved_path()
     return Engine.load(
-        path, device or settings.model.device, topk=topk or settings.model.topk, security=settings.security
+        settings.model.resolved_path(), settings.model.device, topk=settings.model.topk, security=settings.security
     )
 
 
@@ -162,9 +162,10 @@ def train(
     default=None,
     help="Write PREFIX.report.json and PREFIX.confusion.png (default: MODEL-stem.eval in this folder).",
 )
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
-def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | None, batch_size: int | None) -> None:
+@setting_option("DEVICE")
+@setting_option("MAX_BATCH", "--batch-size", type=click.IntRange(min=1))
+@setting_option("DECODE_THREADS", type=click.IntRange(min=1))
+def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any) -> None:
     """Evaluate MODEL on DATA/<label>/ images (or DATA/val/<label>/) through the serving path.
 
     Prints accuracy and per-class precision/recall, and writes a confusion-matrix PNG.
@@ -174,8 +175,8 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     from imgpipe.model.data import find_classes
     from imgpipe.model.evaluate import confusion_stats, write_report
 
-    settings = Settings.from_env()
-    engine = load_engine(model_path, device, None, settings)
+    settings = Settings.from_env(sections=ENGINE_SECTIONS, overrides={**overrides, "model": model_path})
+    engine = load_engine(settings)
     root = (
         data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} else data
     )
@@ -184,10 +185,10 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     if unknown:
         raise ConfigError(f"{root} has folders that are not labels of the model: {', '.join(unknown)}")
     index = {label: i for i, label in enumerate(engine.labels)}
-    paths = [str(p.absolute()) for c in classes for p in iter_images(root / c)]
+    paths = [p for c in classes for p in scan(root / c)]
     targets, predictions, failed = [], [], 0
     for record in engine.classify(
-        paths, batch_size=batch_size or settings.batch.max_batch, decode_threads=settings.batch.decode_threads
+        paths, batch_size=settings.batch.max_batch, decode_threads=settings.batch.decode_threads
     ):
         if record["status"] != "ok":
             failed += 1
@@ -221,31 +222,14 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, device: str | No
     default=None,
     help="Record format (default: from the output file's extension, JSONL on stdout).",
 )
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Model file [env IMGPIPE_MODEL; default: the bundled demo digits CNN].",
-)
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [env IMGPIPE_DEVICE; default auto].")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Images per inference batch [env IMGPIPE_MAX_BATCH; default 64].",
-)
-@click.option("--topk", type=click.IntRange(min=1), default=None, help="Labels per record [env IMGPIPE_TOPK].")
+@setting_option("MODEL", type=click.Path(path_type=Path))
+@setting_option("DEVICE")
+@setting_option("MAX_BATCH", "--batch-size", type=click.IntRange(min=1))
+@setting_option("DECODE_THREADS", type=click.IntRange(min=1))
+@setting_option("TOPK", type=click.IntRange(min=1))
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def classify(
-    paths: tuple[str, ...],
-    output: Path | None,
-    fmt: str | None,
-    model_path: Path | None,
-    device: str | None,
-    batch_size: int | None,
-    topk: int | None,
-    progress: bool | None,
+    paths: tuple[str, ...], output: Path | None, fmt: str | None, progress: bool | None, **overrides: Any
 ) -> None:
     """Classify image files and folders in-process (no Redis): the embedded default.
 
@@ -254,11 +238,11 @@ def classify(
     """
     from tqdm import tqdm
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(sections=ENGINE_SECTIONS, overrides=overrides)
     fmt = format_for(output, fmt)
-    engine = load_engine(model_path, device, topk, settings)
+    engine = load_engine(settings)
     inputs = list(expand_paths(paths))
-    batch = batch_size or settings.batch.max_batch
+    batch = settings.batch.max_batch
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=len(inputs), unit="img", desc="classify", disable=not show, file=sys.stderr)
     stream: IO[str] = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115

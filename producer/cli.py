@@ -9,38 +9,28 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 import redis
 from tqdm import tqdm
 
 from imgpipe import defaults
-from imgpipe.broker import redis_client
 from imgpipe.errors import ConfigError
 from imgpipe.jobs import JobStatus, create_job, iter_records, job_status, job_statuses, seal_job
-from imgpipe.producer.enqueue import Enqueuer, producer_app
-from imgpipe.producer.watch import Watcher
 from imgpipe.records import FORMATS, RecordWriter, format_for
 from imgpipe.scan import scan_all
-from imgpipe.settings import Settings
+from imgpipe.settings import Settings, setting_option
 
-redis_url_option = click.option(
-    "--redis-url",
-    envvar="IMGPIPE_REDIS_URL",
-    show_envvar=True,
-    help="Broker and result store.  [default: redis://localhost:6379/0]",
-)
+redis_url_option = setting_option("REDIS_URL")
+# What the producer commands read (and so validate): never the worker's batch, model or security settings.
+PRODUCER_SECTIONS = ("redis", "producer")
 
 
-def _settings(redis_url: str | None, chunk_size: int | None = None) -> Settings:
-    settings = Settings.from_env()
-    settings = settings.with_section(redis=replace(settings.redis, url=redis_url or settings.redis.url))
-    if chunk_size is not None:
-        settings = settings.with_section(batch=replace(settings.batch, chunk_size=chunk_size))
-    return settings
+def _settings(**overrides: Any) -> Settings:
+    return Settings.from_env(sections=PRODUCER_SECTIONS, overrides=overrides)
 
 
 def _say(message: str) -> None:
@@ -50,13 +40,7 @@ def _say(message: str) -> None:
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create (letters, digits, . _ -).  [default: time-based]")
-@click.option(
-    "--chunk-size",
-    type=click.IntRange(min=1),
-    envvar="IMGPIPE_CHUNK_SIZE",
-    show_envvar=True,
-    help=f"Paths per queue message.  [default: {defaults.CHUNK_SIZE}]",
-)
+@setting_option("CHUNK_SIZE", type=click.IntRange(min=1), help="Paths per queue message")
 @click.option("--wait", is_flag=True, help="Show progress and exit when the job is done (exit 1 if any image failed).")
 @redis_url_option
 def enqueue(
@@ -67,7 +51,10 @@ def enqueue(
     Files named directly are enqueued whatever their extension. Workers must be able to read the paths:
     on other machines, mount the data at the same path.
     """
-    settings = _settings(redis_url, chunk_size)
+    from imgpipe.broker import redis_client  # Celery: imported only when the command runs
+    from imgpipe.producer.enqueue import Enqueuer, producer_app
+
+    settings = _settings(redis_url=redis_url, chunk_size=chunk_size)
     client = redis_client(settings.redis)
     roots = [str(p.absolute()) for p in paths]
     for path in paths:
@@ -80,7 +67,7 @@ def enqueue(
     started = time.monotonic()
     skipped: list[str] = []
     app = producer_app(settings.redis)
-    enqueuer = Enqueuer(client, app, job_id, chunk_size=settings.batch.chunk_size, ttl_seconds=ttl)
+    enqueuer = Enqueuer(client, app, job_id, chunk_size=settings.producer.chunk_size, ttl_seconds=ttl)
     try:
         with enqueuer:
             enqueuer.add(scan_all(paths, on_error=lambda p, e: skipped.append(f"{p}: {e.strerror or e}")))
@@ -110,25 +97,30 @@ def enqueue(
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create.  [default: time-based]")
 @click.option("--existing", is_flag=True, help="Also enqueue the images already in DIRECTORY.")
-@click.option(
+@setting_option(
+    "WATCH_SETTLE_MS",
     "--settle-ms",
     type=click.IntRange(min=0),
-    envvar="IMGPIPE_WATCH_SETTLE_MS",
-    show_envvar=True,
-    help=f"Quiet time before a file without a close event counts as written.  [default: {defaults.WATCH_SETTLE_MS}]",
+    help="Quiet time (ms) before a file without a close event counts as written",
 )
 @redis_url_option
-def watch(directory: Path, job_id: str | None, existing: bool, settle_ms: int | None, redis_url: str | None) -> None:
+def watch(
+    directory: Path, job_id: str | None, existing: bool, watch_settle_ms: int | None, redis_url: str | None
+) -> None:
     """Streaming: enqueue each new image file under DIRECTORY once it is completely written, until stopped.
 
     Prints the job id; one message per image, which workers batch together. Ctrl-C (or SIGTERM) stops it,
     saying how many images it sent.
     """
-    settings = _settings(redis_url)
+    from imgpipe.broker import redis_client
+    from imgpipe.producer.enqueue import Enqueuer, producer_app
+    from imgpipe.producer.watch import Watcher
+
+    settings = _settings(redis_url=redis_url, watch_settle_ms=watch_settle_ms)
     if not directory.is_dir():
         raise ConfigError(f"not a directory: {directory}")
     root = str(directory.absolute())
-    settle = (settle_ms if settle_ms is not None else settings.batch.watch_settle_ms) / 1000
+    settle = settings.producer.watch_settle_ms / 1000
     client = redis_client(settings.redis)
     ttl = settings.redis.result_ttl_days * 86400
     job_id = create_job(client, job_id, kind="stream", roots=[root], ttl_seconds=ttl)
@@ -157,7 +149,7 @@ def watch(directory: Path, job_id: str | None, existing: bool, settle_ms: int | 
         runner.start()
         _say(f"watching {root} for new images (job {job_id}); Ctrl-C to stop")
         if existing:
-            with Enqueuer(client, app, job_id, chunk_size=settings.batch.chunk_size, ttl_seconds=ttl) as bulk:
+            with Enqueuer(client, app, job_id, chunk_size=settings.producer.chunk_size, ttl_seconds=ttl) as bulk:
                 for path in scan_all([root]):
                     watcher.mark_sent(path)
                     bulk.add([path])
@@ -198,7 +190,9 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @redis_url_option
 def status(job_id: str | None, live: bool, as_json: bool, limit: int, redis_url: str | None) -> None:
     """Job progress: total, done, failed, rate and ETA; every recent job when no JOB is given."""
-    client = redis_client(_settings(redis_url).redis)
+    from imgpipe.broker import redis_client
+
+    client = redis_client(_settings(redis_url=redis_url).redis)
     if job_id is not None:
         job = job_status(client, job_id)
         if live and not job.finished:
@@ -234,7 +228,9 @@ def status(job_id: str | None, live: bool, as_json: bool, limit: int, redis_url:
 @redis_url_option
 def results(job_id: str, output: Path | None, fmt: str | None, redis_url: str | None) -> None:
     """Export a job's records (one per image, in no particular order) as JSONL or CSV."""
-    client = redis_client(_settings(redis_url).redis)
+    from imgpipe.broker import redis_client
+
+    client = redis_client(_settings(redis_url=redis_url).redis)
     job = job_status(client, job_id)
     chosen = format_for(output, fmt)
     count = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,48 @@ def test_bench_reports_ratios_against_a_baseline(demo_data: Path) -> None:
         assert suite["unit"] == "images/s" and suite["images"] == images
         assert suite["ratios"]["baseline_batch1"] == 1.0
         assert len(suite["ratios"]) == 3 and all(v > 0 for v in suite["rates"].values())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--help"],
+        ["enqueue", "--help"],
+        ["classify", "--help"],
+        ["worker", "--help"],
+        ["exporter", "--help"],
+        ["status", "--help"],
+        ["classify"],
+        ["enqueue", "--chunk-size", "0", "x"],
+    ],
+    ids=lambda a: " ".join(a) or "bare",
+)
+def test_help_and_usage_errors_import_neither_torch_nor_celery(args: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from imgpipe.cli import cli\n"
+        "try:\n"
+        f"    cli.main({args!r}, prog_name='imgpipe')\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "heavy = sorted({m.partition('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'celery', 'kombu'})\n"
+        "print(code, heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+
+
+def test_each_command_validates_only_the_settings_it_uses(tmp_path: Path) -> None:
+    # enqueue never uses IMGPIPE_MAX_BATCH: a bad value there must not stop it (it fails later, on Redis).
+    bad_batch = cli_env(IMGPIPE_MAX_BATCH="abc", IMGPIPE_REDIS_URL="redis://127.0.0.1:1/0")
+    result = run_cli("status", env=bad_batch, timeout=60)
+    assert "IMGPIPE_MAX_BATCH" not in result.stderr
+    # classify does use it: one line, exit 2, naming the variable.
+    result = run_cli("classify", str(tmp_path), env=bad_batch, timeout=60)
+    assert (
+        result.returncode == 2 and result.stderr.strip() == "imgpipe: error: IMGPIPE_MAX_BATCH='abc' is not an integer"
+    )
+    # A flag overrides its variable in the same single step, and its error names the flag.
+    result = run_cli("classify", str(tmp_path), "--batch-size", "0", env=cli_env(), timeout=60)
+    assert result.returncode == 2 and "--batch-size" in result.stderr and "Traceback" not in result.stderr

@@ -6,14 +6,12 @@ The collector can also be added to a worker's /metrics. No torch, no Celery app.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import click
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -21,13 +19,13 @@ from prometheus_client.registry import Collector
 
 from imgpipe import broker, defaults, keys
 from imgpipe.jobs import RATE_WINDOW_S, RateWindow, drain_seconds, read_jobs
-from imgpipe.settings import MetricsSettings, RedisSettings, Settings
+from imgpipe.settings import RedisSettings
 from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
 
 # Seconds between background reads of Redis, so the recent rate has samples between scrapes.
-SAMPLE_INTERVAL_S = 5.0
+SAMPLE_INTERVAL_S = defaults.EXPORTER_SAMPLE_S
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -151,64 +149,3 @@ class RedisCollector(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=float(value))
-
-
-@click.command("exporter")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=defaults.EXPORTER_PORT,
-    show_default=True,
-    envvar="IMGPIPE_EXPORTER_PORT",
-    help="Port of /metrics (0: any free port, printed).",
-)
-@click.option(
-    "--bind", default="0.0.0.0", show_default=True, envvar="IMGPIPE_EXPORTER_BIND", help="Address /metrics binds to."
-)
-@click.option(
-    "--redis-url",
-    envvar="IMGPIPE_REDIS_URL",
-    default=None,
-    help="Redis holding the queue and jobs [env IMGPIPE_REDIS_URL; default redis://localhost:6379/0].",
-)
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=SAMPLE_INTERVAL_S,
-    show_default=True,
-    help="Seconds between background reads of Redis.",
-)
-@click.option(
-    "--window",
-    type=click.FloatRange(min=1.0),
-    default=RATE_WINDOW_S,
-    show_default=True,
-    help="Seconds of history behind the recent rate and drain time.",
-)
-def exporter(port: int, bind: str, redis_url: str | None, interval: float, window: float) -> None:
-    """Serve queue and job metrics from Redis for Prometheus: queue depth, in flight, backlog, recent rate,
-    drain time (backlog / recent rate: the signal an autoscaler wants) and dead letters.
-
-    Run one per Redis; it needs neither torch nor a GPU.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
-    redis_settings = settings.redis if redis_url is None else replace(settings.redis, url=redis_url)
-    collector = RedisCollector.from_settings(redis_settings, window=window, interval=interval)
-    try:
-        collector.sample()
-    except redis.RedisError as exc:
-        click.echo(f"imgpipe exporter: warning: Redis not reachable yet ({exc}); serving imgpipe_redis_up 0", err=True)
-    server = metrics.start_metrics_server(MetricsSettings(port=port, bind=bind), [collector.start()], worker=False)
-    assert server is not None  # a port was given
-    click.echo(
-        f"imgpipe exporter: serving http://{bind}:{server.port}/metrics for queue "
-        f"{redis_settings.queue!r} (Ctrl-C to stop)",
-        err=True,
-    )
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    collector.stop()
-    server.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ def bench(
     skipped.
     """
     chosen = parse_suites(suites)
-    settings = Settings.from_env()
+    settings = Settings.from_env(sections=("model", "batch", "security", "producer"))
     options = _Options(
         data=data,
         images=images,
@@ -140,7 +140,7 @@ def bench(
         device=device,
         repeat=repeat,
         paths=paths,
-        chunk_size=chunk_size or settings.batch.chunk_size,
+        chunk_size=chunk_size or settings.producer.chunk_size,
         scan_files=scan_files,
         pipeline_images=pipeline_images,
     )
@@ -206,7 +206,9 @@ class _Run:
             from imgpipe.bench.engine import run_bench, write_photos
             from imgpipe.model.cli import load_engine
 
-            engine = load_engine(o.model, o.device, None, self.settings)
+            engine = load_engine(
+                self.settings.with_section(model=replace(self.settings.model, path=o.model, device=o.device))
+            )
             if name == "engine":
                 data, images = (o.data if o.data is not None else self.images() / "val"), o.images
             else:  # photo-sized JPEGs, where decoding dominates; fewer, as each costs ~30x a digit
