@@ -77,7 +77,10 @@ def distinct_roots(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
     folders = [p for p in absolute if os.path.isdir(p)]
     kept = []
     for path in absolute:
-        if any(path != folder and _inside(path, folder) for folder in folders):
+        # A nested folder, or a nested file its folder's scan finds anyway, is dropped; a nested file the scan
+        # would not pick (not an image name) stays, since a file named directly is taken whatever its name.
+        scanned_anyway = os.path.isdir(path) or is_image_name(os.path.basename(path))
+        if scanned_anyway and any(path != folder and _inside(path, folder) for folder in folders):
             continue
         kept.append(path)
     return kept

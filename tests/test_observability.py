@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import redis
 
-from imgpipe.procs import imgpipe_argv
+from imgpipe.procs import ProcessError, imgpipe_argv
+from imgpipe.procs import wait_until as poll_until
 from tests.conftest import REPO, cli_env, free_port
 from tests.images import write_bad, write_good
 from tests.test_deploy import DASHBOARD, dashboard_targets, grafana_expr
@@ -63,13 +64,14 @@ class Stack:
 
         Recording rules and scrapes run every second, so a value can trail the job by a second or two.
         """
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def done() -> bool:
             got = self.scalar(expr)
-            done = got == expected if expected is not None else (got is not None and got > 0)
-            if done or time.monotonic() > deadline:
-                return got
-            time.sleep(0.25)
+            return got == expected if expected is not None else (got is not None and got > 0)
+
+        with contextlib.suppress(ProcessError):
+            poll_until(done, timeout, expr, interval=0.25)
+        return self.scalar(expr)
 
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -98,14 +100,19 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def wait_until(check: Any, what: str, timeout: float, procs: list[subprocess.Popen[Any]], logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        dead = [p.args for p in procs if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
-            tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
-            raise AssertionError(f"{what}: {'exited: ' + str(dead) if dead else 'timed out'}\n{tails}")
-        time.sleep(0.2)
+def wait_until(check: Any, what: str, timeout: float, children: list[subprocess.Popen[Any]], logs: list[Path]) -> None:
+    """imgpipe.procs.wait_until, failing at once (with the logs) when one of ``children`` exits."""
+
+    def alive() -> None:
+        dead = [p.args for p in children if p.poll() is not None]
+        if dead:
+            raise ProcessError(f"exited: {dead}")
+
+    try:
+        poll_until(check, timeout, what, interval=0.2, check=alive)
+    except ProcessError as exc:
+        tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+        raise AssertionError(f"{what}: {exc}\n{tails}") from None
 
 
 def prometheus_config(worker_port: int, exporter_port: int) -> str:
