@@ -26,7 +26,7 @@ from imgpipe.errors import ConfigError, ImageError
 from imgpipe.jobs import RateWindow, drain_seconds, read_jobs
 from imgpipe.procs import ProcessError, imgpipe_argv, wait_until
 from imgpipe.settings import MetricsSettings, RedisSettings
-from imgpipe.worker import metrics
+from imgpipe.worker import metrics, metrics_server
 from imgpipe.worker.exporter import RedisCollector, queue_keys
 from tests.conftest import REPO, cli_env, free_port
 
@@ -143,7 +143,7 @@ def test_exporter_figures_from_redis(redis_url: str) -> None:
     client.hset(keys.job("job-a"), mapping={"done": 30, "failed": 2})
     client.hset(keys.job("job-c"), mapping={"done": 3})
     clock.now = now + 10
-    server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), [collector], worker=False)
+    server = metrics_server.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), [collector], worker=False)
     assert server is not None
     try:
         samples = scrape(server.port)  # the scrape itself takes the second sample
@@ -169,7 +169,7 @@ def test_exporter_collector_can_join_a_worker_endpoint(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.rpush("imgpipe", "m1")
     collector = RedisCollector(client, "imgpipe")
-    server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), [collector])
+    server = metrics_server.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), [collector])
     assert server is not None
     try:
         samples = scrape(server.port)
@@ -261,9 +261,9 @@ FORKING_SERVER = textwrap.dedent(
     """
     import multiprocessing, os, signal, sys, time
     from imgpipe.settings import MetricsSettings
-    from imgpipe.worker import metrics
+    from imgpipe.worker import metrics, metrics_server
 
-    server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"))
+    server = metrics_server.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"))
     ctx = multiprocessing.get_context("fork")
 
     def child(ok, errors, hold, exit_cleanly):
@@ -274,7 +274,7 @@ FORKING_SERVER = textwrap.dedent(
         metrics.BATCH_SIZE.observe(ok + errors)
         metrics.IN_FLIGHT.inc(hold)
         if exit_cleanly:
-            metrics.mark_this_process_dead()
+            metrics_server.mark_this_process_dead()
             return
         time.sleep(600)
 
@@ -380,7 +380,7 @@ def test_multiproc_dir_set_after_import_is_refused(monkeypatch: pytest.MonkeyPat
     # This test process imported prometheus_client without the variable: setting it now cannot work.
     monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
     with pytest.raises(ConfigError, match="set after prometheus_client was imported"):
-        metrics.multiprocess_dir()
+        metrics_server.multiprocess_dir()
 
 
 def test_stale_metric_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
@@ -388,23 +388,23 @@ def test_stale_metric_files_of_dead_processes_are_removed(tmp_path: Path) -> Non
     dead.wait()
     for name in (f"counter_{dead.pid}.db", f"gauge_livesum_{dead.pid}.db", f"counter_{os.getpid()}.db"):
         (tmp_path / name).write_bytes(b"")
-    assert metrics.remove_stale_files(str(tmp_path)) == 2
+    assert metrics_server.remove_stale_files(str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{os.getpid()}.db"]
 
 
 def test_metrics_port_in_use_is_a_config_error() -> None:
-    first = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), worker=False)
+    first = metrics_server.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"), worker=False)
     assert first is not None
     try:
         with pytest.raises(ConfigError, match="cannot serve metrics"):
-            metrics.start_metrics_server(MetricsSettings(port=first.port, bind="127.0.0.1"), worker=False)
+            metrics_server.start_metrics_server(MetricsSettings(port=first.port, bind="127.0.0.1"), worker=False)
     finally:
         first.close()
-    assert metrics.start_metrics_server(MetricsSettings(port=None)) is None
+    assert metrics_server.start_metrics_server(MetricsSettings(port=None)) is None
 
 
 def test_single_process_worker_metrics_include_process_metrics() -> None:
-    server = metrics.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"))
+    server = metrics_server.start_metrics_server(MetricsSettings(port=0, bind="127.0.0.1"))
     assert server is not None and not server.multiprocess
     try:
         samples = scrape(server.port)
@@ -427,7 +427,7 @@ def test_gpu_gauges_with_fake_nvml_no_gpu_here() -> None:
         nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=(h + 1) * gib, total=80 * gib),
         nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=57 if h == 0 else 3),
     )
-    families = {f.name: f for f in metrics.NvmlCollector(fake_nvml).collect()}
+    families = {f.name: f for f in metrics_server.NvmlCollector(fake_nvml).collect()}
     used = {s.labels["gpu"]: s.value for s in families[metrics.GPU_MEMORY_USED].samples}
     util = {s.labels["gpu"]: s.value for s in families[metrics.GPU_UTILIZATION].samples}
     assert used == {"0": 1 * gib, "1": 2 * gib}

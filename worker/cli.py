@@ -116,7 +116,7 @@ def exporter(interval: float, window: float, **overrides: Any) -> None:
     import redis
 
     from imgpipe.settings import MetricsSettings
-    from imgpipe.worker import metrics
+    from imgpipe.worker import metrics_server
     from imgpipe.worker.exporter import RedisCollector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,7 +128,9 @@ def exporter(interval: float, window: float, **overrides: Any) -> None:
         collector.sample()
     except redis.RedisError as exc:
         click.echo(f"imgpipe exporter: warning: Redis not reachable yet ({exc}); serving imgpipe_redis_up 0", err=True)
-    server = metrics.start_metrics_server(MetricsSettings(port=port, bind=bind), [collector.start()], worker=False)
+    server = metrics_server.start_metrics_server(
+        MetricsSettings(port=port, bind=bind), [collector.start()], worker=False
+    )
     assert server is not None  # a port was given
     click.echo(
         f"imgpipe exporter: serving http://{bind}:{server.port}/metrics for queue "

@@ -20,7 +20,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe.broker import publish
     from imgpipe.model.engine import Engine
     from imgpipe.registry import Heartbeat, WorkerInfo
-    from imgpipe.worker import metrics
+    from imgpipe.worker import metrics, metrics_server
     from imgpipe.worker.app import make_app, prefetch
     from imgpipe.worker.batcher import Batcher
     from imgpipe.worker.pipeline import Pipeline, PipelineLimits
@@ -31,7 +31,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     client = redis_client(settings.redis)
     engine = Engine.load(settings.model.resolved_path(), device, topk=settings.model.topk, security=settings.security)
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
-    server = metrics.start_metrics_server(settings.metrics)
+    server = metrics_server.start_metrics_server(settings.metrics)
     batcher = Batcher(engine, settings.batch).start()
     store = ResultStore(client, settings.redis.result_ttl_days * 86400)
     limits = PipelineLimits(settings.worker.max_deliveries, task_time_limit(settings.redis))
@@ -87,7 +87,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         batcher.close()
         if server is not None:
             server.close()
-        metrics.mark_this_process_dead()
+        metrics_server.mark_this_process_dead()
         client.close()
     return int(celery_worker.exitcode or 0)
 

@@ -40,9 +40,9 @@ class Supervisor:
 
     def run(self) -> int:
         os.environ[_MULTIPROC_ENV] = self.metrics_dir  # for this process's collector and every child
-        from imgpipe.worker import metrics
+        from imgpipe.worker import metrics_server
 
-        server = metrics.start_metrics_server(self.settings.metrics)
+        server = metrics_server.start_metrics_server(self.settings.metrics)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info(
