@@ -45,6 +45,12 @@ BUNDLED_MODEL = "digits-cnn.pt"
 HEARTBEAT_INTERVAL_S = 2.0
 # Seconds a heartbeat lives: a worker silent this long is taken for dead.
 HEARTBEAT_TTL_S = 10.0
+# Folder (under the temporary directory) where each worker process keeps its health sentinel file fresh;
+# `imgpipe worker --check` reads every sentinel in it (IMGPIPE_HEALTH_DIR names another folder).
+HEALTH_DIR_NAME = "imgpipe-health"
+# Seconds a worker may hold images without resolving any before its health check calls it hung (a batch on a
+# slow CPU takes seconds; a wedged decode or inference never ends).
+HEALTH_STALL_S = 120.0
 # Labels returned per image.
 TOPK = 3
 # Days a job's records and counters are kept in Redis.

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import redis
@@ -39,18 +39,22 @@ class WorkerInfo:
     busy: int = 0  # images submitted and not yet resolved
     connected: bool = True  # its consumer holds a broker connection
     extra: dict[str, Any] = field(default_factory=dict)
+    work_since: float = 0.0  # when its images in hand last went from none to some (imgpipe/health.py)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "queues": list(self.queues)}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo | None:
-        """The record, or None for anything that is not a heartbeat of this version (never an exception)."""
+        """The record, or None for anything that is not a heartbeat (never an exception). Fields this version
+        does not know are ignored, so that a newer worker's heartbeat still reads during a rolling upgrade."""
         try:
             data = json.loads(raw)
+            known = {f.name for f in fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
             data["queues"] = tuple(data.get("queues", ()))
             return cls(**data)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             return None
 
 

@@ -77,6 +77,7 @@ class WorkerSettings:
     concurrency: int | None = None  # None: one process per GPU, or one per CPU host
     max_deliveries: int = defaults.MAX_DELIVERIES
     prefetch: int | None = None  # messages held per process; None: PREFETCH_PER_BATCH_IMAGE x max_batch
+    health_dir: Path | None = None  # None: <temp dir>/imgpipe-health-<uid> (see imgpipe/health.py)
 
 
 SECTIONS = ("redis", "model", "batch", "producer", "security", "metrics", "exporter", "worker")
@@ -161,6 +162,14 @@ VARS: tuple[Var, ...] = (
         "optional_int",
         "messages one worker process holds (default: 2 x max batch)",
         1,
+    ),
+    Var(
+        "HEALTH_DIR",
+        "worker",
+        "health_dir",
+        "path",
+        "folder where each worker process keeps the sentinel `imgpipe worker --check` reads "
+        "(default: $TMPDIR/imgpipe-health-<uid>)",
     ),
 )
 VARS_BY_NAME = {var.name: var for var in VARS}

@@ -46,7 +46,18 @@ WORKER_SECTIONS = ("redis", "model", "batch", "security", "metrics", "worker")
 @setting_option("PREFETCH", type=click.IntRange(min=1))
 @click.option("--loglevel", type=click.Choice(LOGLEVELS), default="info", show_default=True, help="Log detail.")
 @click.option("--parent-pid", type=int, hidden=True)
-def worker(loglevel: str, parent_pid: int | None, **overrides: Any) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health probe instead of a worker: exit 0 when the worker of this host/container is live, connected "
+    "to Redis and making progress (or idle), 1 otherwise. See docs/deploy.md.",
+)
+@click.option(
+    "--liveness",
+    is_flag=True,
+    help="With --check: only ask whether the worker process is alive and not hung (Redis not consulted).",
+)
+def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, **overrides: Any) -> None:
     """Classify images from the queue and write their records to Redis, until stopped (Ctrl-C or SIGTERM).
 
     \b
@@ -55,6 +66,9 @@ def worker(loglevel: str, parent_pid: int | None, **overrides: Any) -> None:
     Other settings it honours (environment only): IMGPIPE_QUEUE, IMGPIPE_VISIBILITY_TIMEOUT,
     IMGPIPE_RESULT_TTL_DAYS, IMGPIPE_TOPK, IMGPIPE_MAX_FILE_BYTES, IMGPIPE_MAX_PIXELS, IMGPIPE_MAX_DELIVERIES.
     """
+    if check or liveness:
+        redis_url = {"redis_url": overrides.get("redis_url")}
+        sys.exit(_health_check(Settings.from_env(sections=("redis", "worker"), overrides=redis_url), not liveness))
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s] %(message)s")
     settings = Settings.from_env(sections=WORKER_SECTIONS, overrides=overrides)
     if not settings.security.allowed_roots:
@@ -75,6 +89,19 @@ def worker(loglevel: str, parent_pid: int | None, **overrides: Any) -> None:
 
         code = Supervisor(settings, devices, loglevel).run()
     sys.exit(code)
+
+
+def _health_check(settings: Settings, readiness: bool) -> int:
+    """`imgpipe worker --check [--liveness]`: one line, exit 0 (healthy) or 1."""
+    from imgpipe.health import check
+
+    verdict = check(settings, readiness=readiness)
+    what = "ready" if readiness else "live"
+    if verdict.ok:
+        click.echo(f"{what}: {len(verdict.workers)} worker process(es): {', '.join(verdict.workers)}")
+        return 0
+    click.echo(f"not {what}: {'; '.join(verdict.problems)}", err=True)
+    return 1
 
 
 def plan_devices(device: str, concurrency: int | None) -> list[str]:

@@ -18,6 +18,7 @@ log = logging.getLogger("imgpipe.worker")
 def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int | None = None) -> int:
     """Load the model, start the batcher and run a Celery worker (threads pool) here until stopped."""
     from imgpipe.broker import publish
+    from imgpipe.health import HealthReporter, consumer_connected, health_dir
     from imgpipe.model.engine import Engine
     from imgpipe.registry import Heartbeat, WorkerInfo
     from imgpipe.worker import metrics, metrics_server
@@ -52,7 +53,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         queues=(settings.redis.queue,),
         started=time.time(),
     )
-    heartbeat = Heartbeat(client, me, batcher.health).start()
+    health = HealthReporter(health_dir(settings), me, batcher.health).start()  # read by `imgpipe worker --check`
+    heartbeat = Heartbeat(client, me, health.status).start()
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid)
     log.info(
@@ -79,10 +81,12 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         without_heartbeat=True,
         optimization="fair",
     )
+    health.connected = lambda: consumer_connected(celery_worker)
     try:
         celery_worker.start()
     finally:
         heartbeat.close()
+        health.close()
         sweeper.close()
         batcher.close()
         if server is not None:
