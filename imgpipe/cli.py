@@ -32,6 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Modules of the packages that the `worker` extra installs (pyproject.toml): a command that needs one of them
+# says which extra to install instead of a traceback.
+WORKER_EXTRA_MODULES = frozenset({"torch", "torchvision", "PIL", "numpy", "matplotlib", "sklearn"})
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._available(name))
@@ -50,9 +55,10 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name in ("torch", "torchvision"):
+            if (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
                 raise click.ClickException(
-                    f"`imgpipe {cmd_name}` needs PyTorch, which is not installed here: pip install 'imgpipe'"
+                    f"`imgpipe {cmd_name}` needs PyTorch and the model stack ({exc.name} is not installed here): "
+                    "pip install 'imgpipe[worker]'"
                 ) from None
             raise
         command = getattr(module, attr, None)

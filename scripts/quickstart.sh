@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+.venv/bin/python -m pip install -q -e '.[worker]'
 
 [ -d demo/val ] || .venv/bin/imgpipe demo-data demo
 .venv/bin/imgpipe classify demo/val -o demo/labels.jsonl "$@"

@@ -28,6 +28,6 @@ command -v openssl >/dev/null || missing+=(openssl)  # the rediss:// test makes 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,dev]'
+.venv/bin/python -m pip install -q -e '.[worker,test,dev]'
 
 exec .venv/bin/python -m pytest "$@"

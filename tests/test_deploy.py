@@ -8,13 +8,14 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
@@ -316,3 +317,59 @@ def test_k8s_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     result = promtool("check", "config", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert {j["job_name"] for j in config["scrape_configs"]} == {"imgpipe-worker", "imgpipe-exporter"}
+
+
+# --- Packaging: a producer host installs no torch --------------------------------------------------------------
+
+# Signs in pip's output that the package index could not be reached (not a packaging mistake of ours).
+_PIP_OFFLINE = ("Could not find a version", "No matching distribution", "connection", "Network is unreachable")
+
+
+@pytest.mark.timeout(300)
+def test_a_plain_install_runs_the_producer_commands_without_torch(tmp_path: Path, redis_url: str) -> None:
+    """`pip install imgpipe` (the wheel, no extras) in a fresh venv: enqueue, watch, status, results and exporter
+    work and torch is absent; a torch command names the extra to install. Dependencies come from this machine's
+    pip configuration (its package index or local mirror); the test skips, saying so, if pip cannot reach one."""
+    wheelhouse = tmp_path / "wheelhouse"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheelhouse), "."],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    [wheel] = wheelhouse.glob("imgpipe-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    if installed.returncode != 0 and any(sign in installed.stderr for sign in _PIP_OFFLINE):
+        pytest.skip(f"pip could not install the base dependencies offline here: {installed.stderr.strip()[-300:]}")
+    assert installed.returncode == 0, installed.stderr
+
+    python = venv / "bin" / "python"
+    imgpipe = venv / "bin" / "imgpipe"
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url)
+
+    def run(*args: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+    absent = run(str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'torchvision', 'numpy', "
+                 "'PIL', 'sklearn', 'matplotlib') if u.find_spec(m)])")  # fmt: skip
+    assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
+    for command in ("enqueue", "watch", "status", "results", "exporter"):
+        result = run(str(imgpipe), command, "--help")
+        assert result.returncode == 0 and "Usage: imgpipe" in result.stdout, (command, result.stderr)
+    # Against a real Redis: a job is created and enqueued, and its status reads back.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not decoded by the producer")  # the producer only lists file names
+    enqueued = run(str(imgpipe), "enqueue", str(data))
+    assert enqueued.returncode == 0, enqueued.stderr
+    job = enqueued.stdout.strip()
+    status = run(str(imgpipe), "status", job)
+    assert status.returncode == 0 and job in status.stdout, status.stdout + status.stderr
+    # A command of the worker extra says which extra to install, in one line.
+    classify = run(str(imgpipe), "classify", str(data))
+    assert classify.returncode == 1, classify.stderr
+    assert "pip install 'imgpipe[worker]'" in classify.stderr and "Traceback" not in classify.stderr
