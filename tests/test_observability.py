@@ -264,9 +264,12 @@ def test_alert_rules_evaluate_and_stay_quiet(stack: Stack) -> None:
         "ImgpipeBacklogStalled",
         "ImgpipeErrorRatioHigh",
         "ImgpipeWorkerDown",
+        "ImgpipeNoWorkers",
         "ImgpipeDeadLettersGrowing",
         "ImgpipeDrainTimeHigh",
         "ImgpipeExporterBlind",
+        "ImgpipeAutoscalingInputMissing",
+        "ImgpipeRedisMemoryHigh",
     }
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
