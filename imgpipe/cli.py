@@ -55,12 +55,7 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] in WORKER_EXTRA_MODULES:
-                raise click.ClickException(
-                    f"`imgpipe {cmd_name}` needs PyTorch and the model stack ({exc.name} is not installed here): "
-                    "pip install 'imgpipe[worker]'"
-                ) from None
-            raise
+            raise _missing_extra(cmd_name, exc) from None
         command = getattr(module, attr, None)
         return command if isinstance(command, click.Command) else None
 
@@ -76,6 +71,18 @@ class LazyGroup(click.Group):
             # A user mistake: one clear line, exit 2, no traceback.
             click.echo(f"imgpipe: error: {exc}", err=True)
             ctx.exit(2)
+        except ModuleNotFoundError as exc:  # a command that imports torch only once it runs
+            raise _missing_extra(ctx.invoked_subcommand or "", exc) from None
+
+
+def _missing_extra(cmd_name: str, exc: ModuleNotFoundError) -> Exception:
+    """One line naming the extra to install when ``exc`` is a module of the `worker` extra, else ``exc``."""
+    if (exc.name or "").split(".")[0] not in WORKER_EXTRA_MODULES:
+        return exc
+    return click.ClickException(
+        f"`imgpipe {cmd_name}` needs PyTorch and the model stack ({exc.name} is not installed here): "
+        "pip install 'imgpipe[worker]'"
+    )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
