@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import click
 
@@ -29,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("imgpipe.producer.cli:watch", "Streaming: queue new image files as they appear in a folder."),
     "status": ("imgpipe.producer.cli:status", "Job progress: total, done, failed, rate, ETA."),
     "results": ("imgpipe.producer.cli:results", "Export a job's records as JSONL or CSV."),
+    "cancel": ("imgpipe.producer.cli:cancel", "Cancel a job: workers skip its remaining images."),
+    "delete": ("imgpipe.producer.cli:delete", "Delete a job: its records, counters and pending messages."),
 }
 
 
@@ -64,13 +68,45 @@ class LazyGroup(click.Group):
         module_name = COMMANDS[name][0].split(":")[0]
         return importlib.util.find_spec(module_name) is not None
 
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Click's main, with every user mistake reported the one imgpipe way: ``imgpipe: error: ...``, exit 2.
+
+        That covers click's own usage errors (a missing argument, a bad option value, an unknown command),
+        ConfigError raised by a command, and an OSError naming a file the user gave (``-o /missing/dir/x.csv``).
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `imgpipe` (or a group): its help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            fail(exc.format_message() + hint)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code if exc.exit_code != 1 else 2)
+        except ConfigError as exc:
+            fail(str(exc))
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            fail(f"{exc.filename}: {exc.strerror or exc}")
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
-            # A user mistake: one clear line, exit 2, no traceback.
-            click.echo(f"imgpipe: error: {exc}", err=True)
-            ctx.exit(2)
         except ModuleNotFoundError as exc:  # a command that imports torch only once it runs
             raise _missing_extra(ctx.invoked_subcommand or "", exc) from None
 
@@ -79,10 +115,17 @@ def _missing_extra(cmd_name: str, exc: ModuleNotFoundError) -> Exception:
     """One line naming the extra to install when ``exc`` is a module of the `worker` extra, else ``exc``."""
     if (exc.name or "").split(".")[0] not in WORKER_EXTRA_MODULES:
         return exc
-    return click.ClickException(
+    return ConfigError(
         f"`imgpipe {cmd_name}` needs PyTorch and the model stack ({exc.name} is not installed here): "
         "pip install 'imgpipe[worker]'"
     )
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, ``imgpipe: error: ...``, and exit ``code`` (2: a usage or configuration error)."""
+    line = " ".join(message.split())
+    click.echo(f"imgpipe: error: {line}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -92,7 +135,10 @@ def cli() -> None:
 
     \b
     Try it:   imgpipe demo-data demo && imgpipe classify demo/val -o labels.jsonl
-    Scale it: imgpipe worker & ; imgpipe enqueue DIR --wait ; imgpipe results JOB -o labels.csv
+    Scale it: IMGPIPE_ALLOWED_ROOTS=DIR imgpipe worker &   (a worker reads only under these folders)
+              imgpipe enqueue DIR --wait ; imgpipe results JOB -o labels.csv
+    Your own images: imgpipe train DATA -o my.pt (DATA/train/<label>/, DATA/val/<label>/), then
+              IMGPIPE_MODEL=my.pt imgpipe classify PHOTOS
 
     Settings come from IMGPIPE_* environment variables; each command's --help names its own.
     """

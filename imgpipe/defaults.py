@@ -31,6 +31,10 @@ TASK_TIME_LIMIT_FRACTION = 0.8
 WATCH_SETTLE_MS = 500
 # Seconds between refreshes of `imgpipe status --watch` and `imgpipe enqueue --wait`.
 STATUS_REFRESH_S = 0.5
+# Seconds between the progress lines `imgpipe status --watch` and `enqueue --wait` print when not on a terminal.
+STATUS_LINE_EVERY_S = 10.0
+# Seconds with no worker finishing any image while a job waits before `imgpipe status` says the queue is stalled.
+STALL_S = 30.0
 # Address the worker's /metrics endpoint binds to.
 METRICS_BIND = "0.0.0.0"
 # Seconds between the exporter's background reads of Redis.

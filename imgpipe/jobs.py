@@ -27,7 +27,11 @@ MAX_JOBS_READ = 10_000
 # (imgpipe/defaults.py)
 RATE_WINDOW_S = defaults.RATE_WINDOW_S
 
-_FIELDS = ("total", "done", "failed", "created", "finished", "sealed")
+# Field of the job hash set (epoch seconds) by `imgpipe cancel`: workers skip the job's remaining messages.
+CANCELLED = "cancelled"
+_FIELDS = ("total", "done", "failed", "created", "finished", "sealed", CANCELLED)
+# A rate needs at least this many seconds between its first and last observation to mean anything.
+MIN_RATE_SPAN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class JobProgress:
     created: float
     finished: float | None
     sealed: bool
+    cancelled: float | None = None  # when `imgpipe cancel` stopped it (it is also finished then)
 
     @property
     def completed(self) -> int:
@@ -71,6 +76,7 @@ class JobProgress:
             created=as_float(raw["created"]) or 0.0,
             finished=as_float(raw["finished"]),
             sealed=raw["sealed"] not in (None, "", "0"),
+            cancelled=as_float(raw[CANCELLED]),
         )
 
 
@@ -258,6 +264,71 @@ def seal_job(client: redis.Redis, job_id: str) -> bool:
     return bool(client.eval(_SEAL_LUA, 1, keys.job(job_id)))
 
 
+def is_cancelled(cancelled_field: Any) -> bool:
+    """The skip rule for workers: True when a job hash's ``cancelled`` field (an HGET/HMGET reply: bytes, str
+    or None) says the job was cancelled. A worker that takes a message of such a job writes nothing for it and
+    acknowledges it, so a cancelled job's remaining messages drain from the queue without work."""
+    return as_float(as_text(cancelled_field)) is not None
+
+
+# KEYS: job hash, pending hash, pending-jobs set. ARGV: job id.
+# Returns 0 when there is no such job, 1 when cancelled now, 2 when it had finished already (left as it was).
+_CANCEL_LUA = (
+    FINISH_IF_COMPLETE_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'finished') == 1 then return 2 end
+local now = now_string()
+redis.call('HSET', KEYS[1], 'cancelled', now, 'sealed', '1')
+redis.call('HSETNX', KEYS[1], 'finished', now)
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+)
+
+
+def cancel_job(client: redis.Redis, job_id: str) -> int:
+    """Mark a job cancelled (and so finished): workers skip its remaining messages (``is_cancelled``), the
+    lost-message sweeper forgets them, and its records so far stay readable.
+
+    Returns 1 when cancelled now, 2 when the job had already finished (nothing changed); ConfigError when
+    there is no such job.
+    """
+    outcome = int(client.eval(_CANCEL_LUA, 3, keys.job(job_id), keys.job_pending(job_id), keys.PENDING_JOBS, job_id))
+    if outcome == 0:
+        raise ConfigError(f"no such job: {job_id!r} (imgpipe status lists the jobs Redis still holds)")
+    return outcome
+
+
+def delete_job(client: redis.Redis, job_id: str) -> int:
+    """Remove a job and everything Redis keeps for it: its hash, records, pending messages with their delivery
+    counters, its dead letters and its place in the job list. Returns the number of keys and entries removed.
+
+    Messages still queued for it are dropped by the workers that take them (their job does not exist).
+    """
+    pending = [as_text(m) or "" for m in client.hkeys(keys.job_pending(job_id))]
+    dead = [raw for raw in client.lrange(keys.DEAD_LETTER, 0, -1) if _dead_letter_job(raw) == job_id]
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.job(job_id), keys.job_results(job_id), keys.job_pending(job_id))
+    if pending:
+        pipe.delete(*(keys.deliveries(m) for m in pending))
+    pipe.zrem(keys.JOBS, job_id)
+    pipe.srem(keys.PENDING_JOBS, job_id)
+    for raw in dead:
+        pipe.lrem(keys.DEAD_LETTER, 1, raw)
+    replies = pipe.execute()
+    return sum(int(r) for r in replies)
+
+
+def _dead_letter_job(raw: Any) -> str | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    return entry.get("job") if isinstance(entry, dict) else None
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A job's progress plus the figures `imgpipe status` shows: rate (images/s) and ETA (seconds)."""
@@ -293,8 +364,14 @@ class JobStatus:
         return self.progress.finished is not None
 
     @property
+    def cancelled(self) -> bool:
+        return self.progress.cancelled is not None
+
+    @property
     def state(self) -> str:
-        """enqueuing (not sealed yet), queued (no record yet), running, or done."""
+        """enqueuing (not sealed yet), queued (no record yet), running, done, or cancelled."""
+        if self.cancelled:
+            return "cancelled"
         if self.finished:
             return "done"
         if not self.sealed:
@@ -303,19 +380,34 @@ class JobStatus:
 
     @property
     def rate(self) -> float | None:
-        """Images recorded per second since the first record (up to the last one, once finished)."""
-        if self.started is None:
+        """Images recorded per second between the first and the latest record, the span workers were writing
+        this job's records; None until that span is at least MIN_RATE_SPAN_S (a job done in one batch has no
+        meaningful rate, only a duration: ``took``). A stall does not dilute it: see ``idle``."""
+        if self.started is None or self.updated is None:
             return None
-        end = self.updated if self.finished and self.updated is not None else self.now
-        elapsed = end - self.started
-        completed = self.progress.completed
-        if elapsed <= 0:
+        span = self.updated - self.started
+        if span < MIN_RATE_SPAN_S:
             return None
-        return completed / elapsed
+        return self.progress.completed / span
+
+    @property
+    def took(self) -> float | None:
+        """Seconds from creation to finish (None while running)."""
+        if self.progress.finished is None:
+            return None
+        return max(0.0, self.progress.finished - self.progress.created)
+
+    @property
+    def idle(self) -> float:
+        """Seconds since this job's latest record (since its creation when it has none yet)."""
+        return max(0.0, self.now - (self.updated or self.progress.created))
 
     @property
     def eta(self) -> float | None:
-        """Seconds until every enqueued image has a record at the current rate (0 when finished)."""
+        """Seconds until every enqueued image has a record at ``rate`` (0 when done; None when cancelled or
+        without a rate)."""
+        if self.cancelled:
+            return None
         if self.finished:
             return 0.0
         rate = self.rate
@@ -336,6 +428,8 @@ class JobStatus:
             "eta": None if self.eta is None else round(self.eta, 3),
             "created": self.progress.created,
             "finished": self.progress.finished,
+            "cancelled": self.progress.cancelled,
+            "took": None if self.took is None else round(self.took, 3),
         }
 
 
@@ -366,3 +460,24 @@ def iter_records(client: redis.Redis, job_id: str, count: int = 1000) -> Iterato
     """A job's records as they are stored (no particular order), read in pages: memory stays flat."""
     for _path, raw in client.hscan_iter(keys.job_results(job_id), count=count):
         yield json.loads(raw)
+
+
+def failure_reasons(client: redis.Redis, job_id: str, count: int = 1000) -> list[tuple[str, int, str]]:
+    """Why a job's images failed: (reason, images, one example message), most frequent first.
+
+    Reads the job's records in pages and decodes only the error ones (cost grows with the job's size, so the
+    CLI calls it only when ``failed`` > 0).
+    """
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    for _path, raw in client.hscan_iter(keys.job_results(job_id), count=count):
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if '"error"' not in text:  # ok records never mention it
+            continue
+        record = json.loads(raw)
+        if record.get("status") == "ok":
+            continue
+        reason = str(record.get("reason") or "internal")
+        counts[reason] = counts.get(reason, 0) + 1
+        examples.setdefault(reason, str(record.get("error", "")))
+    return sorted(((r, n, examples[r]) for r, n in counts.items()), key=lambda item: (-item[1], item[0]))

@@ -103,3 +103,11 @@ def scan_all(
             yield from scan(path, extensions, on_error)
         else:
             yield path
+
+
+def no_images_message(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """The one line for inputs that hold no image file (`classify` and `enqueue` refuse them alike)."""
+    return (
+        f"no image files under {', '.join(map(str, paths))} (looked for "
+        f"{' '.join(defaults.IMAGE_EXTENSIONS)}, recursively); nothing to do"
+    )

@@ -283,3 +283,50 @@ def parse_roots(value: str, source: str = "allowed roots") -> tuple[Path, ...]:
             raise ConfigError(f"{source}: {part!r} is not a directory")
         roots.append(root)
     return tuple(roots)
+
+
+C = TypeVar("C", bound=click.Command)
+
+
+def honours(*sections: str, exclude: Iterable[str] = ()) -> Callable[[C], C]:
+    """Decorate a click command (put it above ``@click.command``) so that its --help ends with the
+    ``IMGPIPE_*`` variables of ``sections`` it has no flag for, each with its meaning and default: --help
+    then names every setting the command reads. ``exclude``: variables the command reads elsewhere (an
+    argument that takes their place)."""
+    skip = set(exclude)
+
+    def decorate(command: C) -> C:
+        flagged = {(param.name or "").upper() for param in command.params}
+        rest = [var for var in VARS if var.section in sections and var.name not in flagged | skip]
+        if rest:
+            lines = ["\b", "Also read from the environment:"]
+            lines += [f"  {var.env}: {var.help}{_default_note(var)}" for var in rest]
+            command.epilog = "\n".join(filter(None, [command.epilog, "\n".join(lines)]))
+        return command
+
+    return decorate
+
+
+def default_of(var: Var) -> Any:
+    """The value ``var`` has when its variable is not set."""
+    return getattr(getattr(Settings(), var.section), var.attr)
+
+
+def _default_note(var: Var) -> str:
+    default = default_of(var)
+    return "" if default in (None, ()) else f" [default {default}]"
+
+
+def markdown_table() -> str:
+    """The README's settings table, rendered from VARS (tests/test_cli_ux.py checks that they agree;
+    regenerate with ``python -m imgpipe.settings``)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for var in VARS:
+        default = default_of(var)
+        shown = "(unset)" if default in (None, ()) else f"`{default}`"
+        lines.append(f"| `{var.env}` | {shown} | {var.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -6,16 +6,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
 from imgpipe.errors import ConfigError
+from imgpipe.output import output_file
 from imgpipe.records import RecordWriter, format_for
-from imgpipe.scan import scan
-from imgpipe.settings import Settings, setting_option
+from imgpipe.scan import no_images_message, scan
+from imgpipe.settings import Settings, honours, setting_option
 
-ENV_NOTE = "Also honoured: IMGPIPE_MAX_FILE_BYTES, IMGPIPE_MAX_PIXELS (images refused before decoding)."
 # What the in-process commands read (and so validate): never Redis, producer or worker settings.
 ENGINE_SECTIONS = ("model", "batch", "security")
 
@@ -152,15 +152,18 @@ def train(
         click.echo(f"report: {path}", err=True)
 
 
+@honours(*ENGINE_SECTIONS, exclude=("MODEL",))
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
+    "-o",
     "--report",
     "prefix",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
-    help="Write PREFIX.report.json and PREFIX.confusion.png (default: MODEL-stem.eval in this folder).",
+    help="Where the report goes: PREFIX.report.json and PREFIX.confusion.png; an existing folder gets "
+    "MODEL-stem.eval.* inside it.  [default: MODEL-stem.eval.* next to MODEL]",
 )
 @setting_option("DEVICE")
 @setting_option("MAX_BATCH", "--batch-size", type=click.IntRange(min=1))
@@ -168,7 +171,8 @@ def train(
 def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any) -> None:
     """Evaluate MODEL on DATA/<label>/ images (or DATA/val/<label>/) through the serving path.
 
-    Prints accuracy and per-class precision/recall, and writes a confusion-matrix PNG.
+    Prints accuracy and per-class precision/recall on stdout, writes a JSON report and a confusion-matrix
+    PNG next to MODEL (or where -o says) and names both files on stderr.
     """
     import torch
 
@@ -176,6 +180,7 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
     from imgpipe.model.evaluate import confusion_stats, write_report
 
     settings = Settings.from_env(sections=ENGINE_SECTIONS, overrides={**overrides, "model": model_path})
+    prefix = _report_prefix(prefix, model_path)
     engine = load_engine(settings)
     root = (
         data / "val" if (data / "val").is_dir() and not set(engine.labels) & {p.name for p in data.iterdir()} else data
@@ -196,7 +201,6 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
         targets.append(index[Path(record["path"]).parent.name])
         predictions.append(index[record["label"]])
     result = confusion_stats(torch.tensor(targets), torch.tensor(predictions), list(engine.labels))
-    prefix = prefix or Path(model_path.stem + ".eval")
     files = write_report(result, prefix, {"model": engine.model_id, "data": str(root), "failed": failed})
     click.echo(f"model {engine.model_id} on {root}", err=True)
     click.echo(result.summary())
@@ -206,7 +210,8 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
         click.echo(f"report: {path}", err=True)
 
 
-@click.command(epilog=ENV_NOTE)
+@honours(*ENGINE_SECTIONS)
+@click.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
     "-o",
@@ -220,45 +225,46 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
     "fmt",
     type=click.Choice(["jsonl", "csv"]),
     default=None,
-    help="Record format (default: from the output file's extension, JSONL on stdout).",
+    help="Record format.  [default: from the output file's extension; JSONL on stdout]",
 )
 @setting_option("MODEL", type=click.Path(path_type=Path))
 @setting_option("DEVICE")
 @setting_option("MAX_BATCH", "--batch-size", type=click.IntRange(min=1))
 @setting_option("DECODE_THREADS", type=click.IntRange(min=1))
 @setting_option("TOPK", type=click.IntRange(min=1))
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar on stderr.  [default: when stderr is a terminal]"
+)
 def classify(
     paths: tuple[str, ...], output: Path | None, fmt: str | None, progress: bool | None, **overrides: Any
 ) -> None:
     """Classify image files and folders in-process (no Redis): the embedded default.
 
-    Folders are scanned recursively for image files. One record per input: label, score and top-k,
-    or the error that stopped it. A summary goes to stderr; exit code 1 if any image failed.
+    Folders are scanned recursively for image files (a folder with none is refused: exit 2). One record per
+    input: label, score and top-k, or the error that stopped it. A summary goes to stderr; exit code 1 if
+    any image failed. Without IMGPIPE_MODEL/--model it uses the bundled demo model, which knows only the
+    ten handwritten digits: train your own with `imgpipe train` for photos.
     """
     from tqdm import tqdm
 
     settings = Settings.from_env(sections=ENGINE_SECTIONS, overrides=overrides)
     fmt = format_for(output, fmt)
-    engine = load_engine(settings)
     inputs = list(expand_paths(paths))
+    if not inputs:
+        raise ConfigError(no_images_message(paths))
+    engine = load_engine(settings)
     batch = settings.batch.max_batch
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=len(inputs), unit="img", desc="classify", disable=not show, file=sys.stderr)
-    stream: IO[str] = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     stats = Summary(engine.labels)
     start = time.perf_counter()
-    try:
+    with bar, output_file(output) as stream:
         writer = RecordWriter(stream, fmt)
         for record in engine.classify(
             inputs, batch_size=batch, decode_threads=settings.batch.decode_threads, on_batch=bar.update
         ):
             writer.write(record)
             stats.add(record)
-    finally:
-        bar.close()
-        if output:
-            stream.close()
     elapsed = time.perf_counter() - start
     click.echo(stats.line(elapsed, engine.model_id, engine.device, output), err=True)
     if stats.failed:
@@ -293,3 +299,21 @@ class Summary:
         if output:
             text += f"; records in {output}"
         return text
+
+
+def _report_prefix(given: Path | None, model_path: Path) -> Path:
+    """Where `evaluate` writes its report: ``-o`` as given (an existing folder gets MODEL-stem.eval inside),
+    else next to the model file; ConfigError up front when that folder is missing or not writable."""
+    import os
+
+    name = model_path.stem + ".eval"
+    prefix = given if given is not None else model_path.parent / name
+    if given is not None and given.is_dir():
+        prefix = given / name
+    folder = prefix.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write the report to {prefix}.*: no such folder ({folder})")
+    if not os.access(folder, os.W_OK):
+        hint = "" if given is not None else "; choose where with -o/--report"
+        raise ConfigError(f"cannot write the report to {prefix}.*: {folder} is not writable{hint}")
+    return prefix

@@ -653,5 +653,5 @@ def test_a_plain_install_runs_the_producer_commands_without_torch(tmp_path: Path
     assert probe.returncode == 1 and "no running imgpipe worker" in probe.stderr, probe.stderr
     # A command of the worker extra says which extra to install, in one line.
     classify = run(str(imgpipe), "classify", str(data))
-    assert classify.returncode == 1, classify.stderr
+    assert classify.returncode == 2, classify.stderr  # a configuration error: one line, exit 2
     assert "pip install 'imgpipe[worker]'" in classify.stderr and "Traceback" not in classify.stderr
