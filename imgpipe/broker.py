@@ -9,7 +9,6 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 from celery import Celery
 from kombu import Queue
-from kombu.utils.url import maybe_sanitize_url
 
 from imgpipe import defaults, keys
 from imgpipe.errors import ConfigError
@@ -19,8 +18,20 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": 
 
 
 def safe_url(url: str) -> str:
-    """The Redis URL with its password masked, for messages and logs."""
-    return str(maybe_sanitize_url(url))
+    """The Redis URL as given, for messages and logs, with a password masked only where there is one
+    (``redis://:**@host``; a ``password=`` query option too); nothing else changes."""
+    parts = urlsplit(url)
+    masked = url
+    if parts.password:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        masked = masked.replace(parts.netloc, f"{userinfo.partition(':')[0]}:**@{host}", 1)
+    if parts.query:
+        query = "&".join(
+            f"{key}=**" if key.lower() == "password" and value else f"{key}={value}" if value else key
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        )
+        masked = masked.rpartition("?")[0] + "?" + query
+    return masked
 
 
 def ssl_options(url: str) -> dict[str, Any] | None:

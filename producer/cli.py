@@ -250,7 +250,7 @@ def status(job_id: str | None, live: bool, every: float, as_json: bool, limit: i
         else:
             click.echo(_describe(job, live_workers(client), queue))
             for line in _failure_lines(client, job):
-                click.echo(line)
+                click.echo(f"  {line}")
         return
     while True:
         jobs = job_statuses(client, limit=limit)
@@ -409,8 +409,8 @@ def _line(job: JobStatus, rate: float | None, note: str | None) -> str:
     rate = job.rate if rate is None else rate
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job.job_id} {job.state}: {_counts(job)}"
     if job.finished:
-        return text + (f" in {_duration(job.took)}" if job.took is not None else "")
-    text += f", {_rate(rate)}"
+        return text + (f" in {_took(job.took)}" if job.took is not None else "")
+    text += f", rate {_rate(rate)}"
     if note:
         return text + f"; {note}"
     eta = job.progress.backlog / rate if rate else None
@@ -422,7 +422,7 @@ def _counts(job: JobStatus) -> str:
 
 
 def _summary(job: JobStatus) -> str:
-    took = f" in {_duration(job.took)}" if job.took is not None else ""
+    took = f" in {_took(job.took)}" if job.took is not None else ""
     return f"job {job.job_id} {job.state}: {_counts(job)}{took}"
 
 
@@ -430,10 +430,7 @@ def _failure_lines(client: redis.Redis, job: JobStatus) -> list[str]:
     """``2 not_allowed: path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)``: one line per reason."""
     if not job.failed:
         return []
-    lines = [f"failed images by reason ({job.failed}):"]
-    for reason, count, example in failure_reasons(client, job.job_id):
-        lines.append(f"  {count} {reason}: {example}")
-    return lines
+    return [f"{count} {reason}: {example}" for reason, count, example in failure_reasons(client, job.job_id)]
 
 
 def _duration(seconds: float | None) -> str:
@@ -441,6 +438,10 @@ def _duration(seconds: float | None) -> str:
         return "-"
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else _duration(seconds)
 
 
 def _rate(rate: float | None) -> str:
@@ -458,11 +459,11 @@ def _describe(job: JobStatus, workers: Sequence[WorkerInfo], queue: str) -> str:
         ("done", str(job.done)),
         ("failed", str(job.failed)),
         ("rate", _rate(job.rate) + (" (first to latest record)" if job.rate is not None else "")),
-        ("eta", "-" if note else _duration(job.eta)),
+        ("eta", "-" if note or job.finished else _duration(job.eta)),
         ("created", created),
     ]
     if job.took is not None:
-        rows.append(("took", _duration(job.took)))
+        rows.append(("took", _took(job.took)))
     if not job.finished:
         serving = sum(queue in w.queues for w in workers)
         rows.append(("workers", note or f"{serving} live on queue {queue!r}"))
@@ -481,7 +482,7 @@ def _table(jobs: list[JobStatus], workers: Sequence[WorkerInfo], queue: str) -> 
             notes.append(note)
         lines.append(
             f"{job.job_id:<26} {job.state:<10} {job.total:>9} {job.done:>9} {job.failed:>7} "
-            f"{_rate(job.rate):>11} {'-' if note else _duration(job.eta):>9}"
+            f"{_rate(job.rate):>11} {'-' if note or job.finished else _duration(job.eta):>9}"
         )
     if notes:
         lines.append(notes[0])  # the same for every waiting job
