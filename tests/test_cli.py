@@ -14,7 +14,7 @@ from imgpipe.records import read_records
 from tests.conftest import cli_env, run_cli
 from tests.images import write_bad
 
-COMMANDS = ["demo-data", "train", "evaluate", "classify", "bench"]
+COMMANDS = ["demo-data", "train", "evaluate", "classify", "bench", "cancel", "delete"]
 
 
 def test_top_level_help_lists_the_commands() -> None:
@@ -149,7 +149,12 @@ def test_bench_reports_ratios_against_a_baseline(demo_data: Path) -> None:
         ["worker", "--help"],
         ["exporter", "--help"],
         ["status", "--help"],
+        ["cancel", "--help"],
+        ["delete", "--help"],
+        ["results", "--help"],
+        ["nope"],
         ["classify"],
+        ["classify", "x.png", "--top-k", "0"],
         ["enqueue", "--chunk-size", "0", "x"],
     ],
     ids=lambda a: " ".join(a) or "bare",
