@@ -152,7 +152,7 @@ def train(
         click.echo(f"report: {path}", err=True)
 
 
-@honours(*ENGINE_SECTIONS, exclude=("MODEL",))
+@honours(*ENGINE_SECTIONS, exclude=("MODEL", "MAX_WAIT_MS"))
 @click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -210,7 +210,7 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
         click.echo(f"report: {path}", err=True)
 
 
-@honours(*ENGINE_SECTIONS)
+@honours(*ENGINE_SECTIONS, exclude=("MAX_WAIT_MS",))  # a worker's setting: batches here are always full
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option(

@@ -154,7 +154,7 @@ def test_bench_reports_ratios_against_a_baseline(demo_data: Path) -> None:
         ["results", "--help"],
         ["nope"],
         ["classify"],
-        ["classify", "x.png", "--top-k", "0"],
+        ["classify", "x.png", "--topk", "0"],
         ["enqueue", "--chunk-size", "0", "x"],
     ],
     ids=lambda a: " ".join(a) or "bare",
