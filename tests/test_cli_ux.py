@@ -381,7 +381,21 @@ def test_help_names_every_setting_the_command_reads(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["classify", "evaluate", "demo-data", "enqueue", "status", "results", "cancel", "delete"]
+    "name",
+    [
+        "classify",
+        "evaluate",
+        "demo-data",
+        "enqueue",
+        "status",
+        "results",
+        "cancel",
+        "delete",
+        pytest.param(
+            "train",
+            marks=pytest.mark.xfail(strict=True, reason="train's options belong to the models helper's change"),
+        ),
+    ],
 )
 def test_every_option_is_described(name: str) -> None:
     import click
