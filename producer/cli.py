@@ -51,7 +51,7 @@ def _say(message: str) -> None:
     click.echo(f"imgpipe: {message}", err=True)
 
 
-@honours(*PRODUCER_SECTIONS)
+@honours(*PRODUCER_SECTIONS, exclude=("WATCH_SETTLE_MS",))
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create (letters, digits, . _ -).  [default: time-based]")
@@ -207,7 +207,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-@honours(*PRODUCER_SECTIONS)
+@honours("redis", exclude=("VISIBILITY_TIMEOUT", "RESULT_TTL_DAYS"))
 @click.command()
 @click.argument("job_id", metavar="[JOB]", required=False)
 @click.option(
@@ -285,7 +285,7 @@ def _confirm(question: str, yes: bool) -> None:
         sys.exit(1)
 
 
-@honours(*PRODUCER_SECTIONS)
+@honours("redis", exclude=("QUEUE", "VISIBILITY_TIMEOUT", "RESULT_TTL_DAYS"))
 @click.command()
 @click.argument("job_id", metavar="JOB")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -314,7 +314,7 @@ def cancel(job_id: str, yes: bool, redis_url: str | None) -> None:
     )
 
 
-@honours(*PRODUCER_SECTIONS)
+@honours("redis", exclude=("QUEUE", "VISIBILITY_TIMEOUT", "RESULT_TTL_DAYS"))
 @click.command()
 @click.argument("job_id", metavar="JOB")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -335,7 +335,7 @@ def delete(job_id: str, yes: bool, redis_url: str | None) -> None:
     _say(f"job {job_id} deleted ({job.progress.completed} records)")
 
 
-@honours(*PRODUCER_SECTIONS)
+@honours("redis", exclude=("QUEUE", "VISIBILITY_TIMEOUT", "RESULT_TTL_DAYS"))
 @click.command()
 @click.argument("job_id", metavar="JOB")
 @click.option(

@@ -358,16 +358,16 @@ def test_main_help_says_what_a_worker_needs() -> None:
     assert "imgpipe train DATA" in result.stdout and "cancel" in result.stdout and "delete" in result.stdout
 
 
-# Commands, the settings sections each reads, and the variables of those it has no use for (in-process
-# batches never wait to fill; evaluate's model is its MODEL argument).
+# Commands, the settings sections each uses, and the variables of those it has no use for (in-process
+# batches never wait to fill; evaluate's model is its MODEL argument; job commands only talk to Redis).
 SECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classify": (("model", "batch", "security"), ("IMGPIPE_MAX_WAIT_MS",)),
     "evaluate": (("model", "batch", "security"), ("IMGPIPE_MAX_WAIT_MS", "IMGPIPE_MODEL")),
-    "enqueue": (("redis", "producer"), ()),
-    "status": (("redis", "producer"), ()),
-    "results": (("redis", "producer"), ()),
-    "cancel": (("redis", "producer"), ()),
-    "delete": (("redis", "producer"), ()),
+    "enqueue": (("redis", "producer"), ("IMGPIPE_WATCH_SETTLE_MS",)),
+    "status": (("redis",), ("IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
+    "results": (("redis",), ("IMGPIPE_QUEUE", "IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
+    "cancel": (("redis",), ("IMGPIPE_QUEUE", "IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
+    "delete": (("redis",), ("IMGPIPE_QUEUE", "IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
     "worker": (("redis", "model", "batch", "security", "metrics", "worker"), ()),
 }
 
