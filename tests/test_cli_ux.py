@@ -290,6 +290,34 @@ def test_enqueue_wait_ends_with_exit_1_when_its_job_is_cancelled(
     assert waiting.returncode == 1 and "job w1 cancelled: 0 ok, 0 failed of 4" in err, err
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="to wire when merging: the worker calls imgpipe.jobs.is_cancelled on the job's `cancelled` field "
+    "as it begins a message (worker/store.py begin, worker/pipeline.py process) and acknowledges without work",
+)
+def test_workers_skip_and_acknowledge_the_messages_of_a_cancelled_job(
+    tmp_path: Path, redis_url: str, client: redis.Redis, demo_data: Path
+) -> None:
+    from imgpipe import defaults
+    from imgpipe.procs import wait_until
+
+    folder = images(tmp_path / "in", demo_data / "val", 8)
+    result = run_cli("enqueue", str(folder), "--chunk-size", "2", env=redis_env(redis_url), timeout=60)
+    job_id = result.stdout.strip()
+    assert client.llen(defaults.QUEUE) == 4
+    assert run_cli("cancel", job_id, "--yes", env=redis_env(redis_url), timeout=60).returncode == 0
+    with Workers(tmp_path, redis_env(redis_url, IMGPIPE_ALLOWED_ROOTS=str(folder))) as workers:
+        workers.start()
+        wait_until(
+            lambda: client.llen(defaults.QUEUE) == 0 and client.hlen("unacked") == 0,
+            60,
+            "the cancelled job's messages taken and acknowledged",
+        )
+    assert client.hlen(keys.job_results(job_id)) == 0, "a worker classified images of a cancelled job"
+    status = json.loads(run_cli("status", job_id, "--json", env=redis_env(redis_url), timeout=60).stdout)
+    assert (status["state"], status["done"], status["failed"]) == ("cancelled", 0, 0)
+
+
 def test_delete_removes_every_key_of_the_job(
     tmp_path: Path, redis_url: str, client: redis.Redis, demo_data: Path
 ) -> None:
