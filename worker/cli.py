@@ -64,7 +64,8 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     Start one per machine (or per GPU) against the same Redis; they share the work:
       IMGPIPE_ALLOWED_ROOTS=/data IMGPIPE_REDIS_URL=redis://queue-host:6379/0 imgpipe worker
     Other settings it honours (environment only): IMGPIPE_QUEUE, IMGPIPE_VISIBILITY_TIMEOUT,
-    IMGPIPE_RESULT_TTL_DAYS, IMGPIPE_TOPK, IMGPIPE_MAX_FILE_BYTES, IMGPIPE_MAX_PIXELS, IMGPIPE_MAX_DELIVERIES.
+    IMGPIPE_RESULT_TTL_DAYS, IMGPIPE_TOPK, IMGPIPE_MAX_FILE_BYTES, IMGPIPE_MAX_PIXELS, IMGPIPE_MAX_DELIVERIES,
+    IMGPIPE_HEALTH_DIR.
     """
     if check or liveness:
         redis_url = {"redis_url": overrides.get("redis_url")}
