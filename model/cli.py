@@ -78,8 +78,22 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
     "--arch",
     default="convnet",
     show_default=True,
-    type=click.Choice(["convnet", "resnet18", "mobilenet_v3_small"]),
-    help="Network architecture.",
+    help="convnet (imgpipe's small CNN) or any torchvision classification model: resnet18, mobilenet_v3_small, "
+    "efficientnet_b0, vit_b_16, ...",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Fine-tune from pretrained weights: a torchvision name (IMAGENET1K_V1, DEFAULT; downloaded and cached "
+    "as torchvision does) or a local state-dict file (.pth/.pt/.safetensors). The head is resized to the labels "
+    "and the preset comes from the weights' transforms.",
+)
+@click.option(
+    "--freeze-backbone/--no-freeze-backbone",
+    default=False,
+    show_default=True,
+    help="With --weights: train only the classifier head; the backbone (and its batch-norm statistics) stays "
+    "as loaded.",
 )
 @click.option(
     "--widths",
@@ -88,7 +102,12 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
     help="convnet: channels of each conv block (one max-pool per block).",
 )
 @click.option("--convs-per-block", default=2, show_default=True, help="convnet: conv layers per block.")
-@click.option("--input-size", default=32, show_default=True, help="Network input is SIZE x SIZE.")
+@click.option(
+    "--input-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Network input is SIZE x SIZE.  [default: the weights' crop size with --weights, else 32]",
+)
 @click.option(
     "--channels",
     type=click.Choice(["auto", "1", "3"]),
@@ -96,36 +115,52 @@ def demo_data(out: Path, val_fraction: float, seed: int) -> None:
     show_default=True,
     help="1 grayscale, 3 RGB; auto looks at the training images.",
 )
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1), help="Passes over DATA/train.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per step.")
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (one-cycle schedule, AdamW).")
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, shuffling and augmentation.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads while training, fixed so that a run reproduces.  [default: min(4, CPUs)]",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--name", default=None, help="Model name in records (default: the output file's stem).")
 def train(
     data: Path,
     out: Path,
     arch: str,
+    weights: str | None,
+    freeze_backbone: bool,
     widths: str,
     convs_per_block: int,
-    input_size: int,
+    input_size: int | None,
     channels: str,
     epochs: int,
     batch_size: int,
     lr: float,
     hflip: bool,
     seed: int,
+    threads: int | None,
     device: str,
     name: str | None,
 ) -> None:
-    """Train the CNN on DATA/train/<label>/ and DATA/val/<label>/ (torchvision ImageFolder layout).
+    """Train a network on DATA/train/<label>/ and DATA/val/<label>/ (torchvision ImageFolder layout), from
+    scratch or fine-tuned from --weights.
 
     Keeps the epoch with the best validation accuracy and writes MODEL plus MODEL-stem.report.json,
-    .confusion.png and .curves.png next to it.
+    .confusion.png and .curves.png next to it. On the CPU a run is deterministic: the same command on the
+    same machine and torch build writes a model with the same id.
     """
+    from imgpipe.model.net import check_arch
     from imgpipe.model.train import Augment, TrainConfig
     from imgpipe.model.train import train as run_training
+
+    check_arch(arch)
+    if freeze_backbone and not weights:
+        raise ConfigError("--freeze-backbone needs --weights (a pretrained backbone to keep)")
 
     try:
         width_tuple = tuple(int(w) for w in widths.split(","))
@@ -143,6 +178,9 @@ def train(
         seed=seed,
         device=device,
         augment=Augment(hflip=hflip),
+        weights=weights,
+        freeze_backbone=freeze_backbone,
+        threads=threads,
     )
     result = run_training(data, out, config, name=name, progress=sys.stderr.isatty())
     click.echo(result.evaluation.summary(), err=True)
@@ -317,3 +355,161 @@ def _report_prefix(given: Path | None, model_path: Path) -> Path:
         hint = "" if given is not None else "; choose where with -o/--report"
         raise ConfigError(f"cannot write the report to {prefix}.*: {folder} is not writable{hint}")
     return prefix
+
+
+@click.group("model")
+def model_group() -> None:
+    """Bring your own model and see what a model file holds.
+
+    \b
+    imgpipe model import products.ts --labels labels.txt --input-size 224 \\
+        --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o models/products.pt
+    imgpipe model import --arch resnet50 --state-dict ft.pth --labels labels.txt -o models/products.pt
+    imgpipe model info models/products.pt
+    imgpipe model list models/
+    """
+
+
+@model_group.command("import")
+@click.argument("source", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--arch",
+    default=None,
+    help="With --state-dict: the torchvision classification architecture (resnet50, efficientnet_b0, ...).",
+)
+@click.option(
+    "--state-dict",
+    "state_dict",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Weights for --arch: .pth/.pt (read with weights_only=True) or .safetensors.",
+)
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Class names in output order: a text file (one per line) or JSON (a list, or index -> name).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="imgpipe model file to write.",
+)
+@click.option("--name", default=None, help="Model name in records (default: the output file's stem).")
+@click.option(
+    "--input-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Network input is SIZE x SIZE.  [default with --arch: the torchvision weights' crop size]",
+)
+@click.option(
+    "--crop-ratio",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Resize the short side to SIZE / RATIO, then centre-crop SIZE (0.875: 256 -> 224).  [default with "
+    "--arch: the weights' own; else 1]",
+)
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 grayscale, 3 RGB.  [default: 3]")
+@click.option(
+    "--mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406.  [default with --arch: the weights']"
+)
+@click.option(
+    "--std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225.  [default with --arch: the weights']"
+)
+def model_import(
+    source: Path | None,
+    arch: str | None,
+    state_dict: Path | None,
+    labels_path: Path,
+    out: Path,
+    name: str | None,
+    input_size: int | None,
+    crop_ratio: float | None,
+    channels: str | None,
+    mean: str | None,
+    std: str | None,
+) -> None:
+    """Write an imgpipe model file from SOURCE (a TorchScript file) or from --arch plus --state-dict.
+
+    Labels and the preprocessing preset go into the file. Before writing, the model runs a forward pass,
+    its output width must equal the number of labels, and the written file must compute what the original
+    computes on fixed inputs; nothing is written when a check fails.
+    """
+    from imgpipe.model import importer
+    from imgpipe.model.net import preset_from_weights
+
+    if (source is None) == (arch is None):
+        raise ConfigError("give either a TorchScript SOURCE file or --arch with --state-dict, not both or neither")
+    if arch is not None and state_dict is None:
+        raise ConfigError("--arch needs --state-dict FILE (the weights to import)")
+    if source is not None and state_dict is not None:
+        raise ConfigError("--state-dict goes with --arch, not with a TorchScript SOURCE")
+    labels = importer.read_labels(labels_path)
+    base = None
+    if arch is not None and arch != "convnet":
+        from imgpipe.model.net import check_arch
+
+        check_arch(arch)
+        try:
+            base = preset_from_weights(arch, None)
+        except ConfigError:
+            base = None  # an architecture without torchvision weights: the flags say it all
+    preset = importer.make_preset(
+        base,
+        input_size=input_size,
+        crop_ratio=crop_ratio,
+        channels=int(channels) if channels else None,
+        mean=importer.parse_floats(mean, "--mean") if mean else None,
+        std=importer.parse_floats(std, "--std") if std else None,
+    )
+    model_name = name or out.stem
+    if source is not None:
+        metadata = importer.import_torchscript(source, out, labels=labels, preset=preset, name=model_name)
+    else:
+        assert arch is not None and state_dict is not None
+        metadata = importer.import_state_dict(arch, state_dict, out, labels=labels, preset=preset, name=model_name)
+    click.echo(
+        f"model {metadata.model_id} written to {out} (forward pass, {len(labels)} outputs, parity: ok)", err=True
+    )
+
+
+@model_group.command("info")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
+def model_info(model_path: Path, as_json: bool) -> None:
+    """What MODEL holds: id, name, arch, labels, preset, accuracy, sha256, torch version.
+
+    The file is loaded as `worker` and `classify` load it (sha256 verified); one that is not an imgpipe model
+    file is refused with one line and exit 2.
+    """
+    import json
+
+    from imgpipe.model import export
+    from imgpipe.model.info import describe, render
+
+    _, metadata = export.load(model_path)
+    info = describe(model_path, metadata)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@model_group.command("list")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="A JSON list instead of the table.")
+def model_list(folder: Path, as_json: bool) -> None:
+    """Every model file under FOLDER (.pt, .pts, .ts, .torchscript), one line each; files that are not imgpipe
+    models are listed with the reason. Metadata and sha256 are checked without loading the networks."""
+    import json
+
+    from imgpipe.model.info import list_folder, render_list
+
+    rows = list_folder(folder)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        click.echo(render_list(rows))
+    else:
+        click.echo(f"no model files under {folder}", err=True)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -37,9 +37,10 @@ def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return torch.jit.freeze(module)
 
 
-def save(module: torch.jit.ScriptModule, path: Path, extra_files: dict[str, str]) -> None:
+def save(module: torch.jit.ScriptModule, path: Path | IO[bytes], extra_files: dict[str, str]) -> None:
+    """Write a TorchScript archive to a file or a binary stream."""
     with _deprecation_acknowledged():
-        torch.jit.save(module, str(path), _extra_files=extra_files)
+        torch.jit.save(module, str(path) if isinstance(path, Path) else path, _extra_files=extra_files)
 
 
 def load(path: Path, extra_files: dict[str, Any], map_location: torch.device | str) -> torch.jit.ScriptModule:

@@ -1,10 +1,19 @@
-"""Train the CNN on an ImageFolder-layout directory (DATA/train, DATA/val) and export the best epoch."""
+"""Train a network (from scratch or fine-tuned from pretrained weights) on an ImageFolder-layout directory
+(DATA/train, DATA/val) and export the best epoch.
+
+On the CPU training is deterministic: seeded generators, deterministic algorithms and a fixed thread count, so
+the same command on one machine with one torch build writes a model with the same sha256 (other CPUs or torch
+builds may round differently; that is not promised).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +29,7 @@ from imgpipe.model import export
 from imgpipe.model.data import FolderDataset, find_classes, iter_images
 from imgpipe.model.engine import select_device
 from imgpipe.model.evaluate import Evaluation, evaluate, save_curves_png, write_report
-from imgpipe.model.net import build_model
+from imgpipe.model.net import build_model, fit_state_dict, head_keys, preset_from_weights, pretrained_state
 from imgpipe.model.preprocess import Preset
 
 
@@ -40,7 +49,7 @@ class TrainConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     convs_per_block: int = 2
     dropout: float = 0.2
-    input_size: int = 32
+    input_size: int | None = None  # None: the pretrained weights' crop size, else 32
     channels: int | None = None  # None: 1 if every sampled training image is grayscale, else 3
     epochs: int = 30
     batch_size: int = 64
@@ -50,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     augment: Augment = field(default_factory=Augment)
+    weights: str | None = None  # torchvision weights name (IMAGENET1K_V1, DEFAULT) or a state-dict file
+    freeze_backbone: bool = False  # train only the head (needs weights); batch-norm statistics stay as loaded
+    threads: int | None = None  # CPU threads while training; None: min(4, CPUs). Fixed so runs reproduce.
 
     def arch_config(self) -> dict[str, Any]:
         if self.arch == "convnet":
@@ -70,6 +82,54 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: numpy and random seeded from the worker's torch seed (itself from the loader's
+    seeded generator), as the PyTorch reproducibility notes recommend."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@contextmanager
+def deterministic(device: torch.device, threads: int) -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count for the duration of training on the CPU; restored after.
+
+    On CUDA some kernels used here (grid_sample's backward) have no deterministic version: GPU runs are
+    seeded but not bit-reproducible.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
+def freeze_backbone(net: nn.Module, head: set[str]) -> list[nn.Parameter]:
+    """Parameters outside ``head`` stop learning; returns the head's parameters (what the optimizer gets)."""
+    trainable = []
+    for key, param in net.named_parameters():
+        param.requires_grad_(key in head)
+        if key in head:
+            trainable.append(param)
+    return trainable
+
+
+def hold_frozen_statistics(net: nn.Module) -> None:
+    """Batch-norm layers with no trainable parameter run in eval mode, so a frozen backbone stays bit-identical
+    (train mode would update their running statistics)."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
 
 
 def random_affine(images: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
@@ -118,29 +178,53 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
     for split in (train_dir, val_dir):
         if not split.is_dir():
             raise ConfigError(f"{data} must hold train/<label>/ and val/<label>/ folders; {split} is missing")
-    seed_everything(config.seed)
+    if config.freeze_backbone and not config.weights:
+        raise ConfigError("--freeze-backbone needs --weights (a backbone to keep)")
     device = select_device(config.device)
+    threads = config.threads or min(4, os.cpu_count() or 1)
+    with deterministic(device, threads):
+        return _train(data, out, config, name, progress, device, threads)
+
+
+def _train(
+    data: Path, out: Path, config: TrainConfig, name: str | None, progress: bool, device: torch.device, threads: int
+) -> TrainResult:
+    train_dir, val_dir = data / "train", data / "val"
+    seed_everything(config.seed)
     classes = find_classes(train_dir)
     channels = config.channels or detect_channels(train_dir)
     if config.arch != "convnet" and channels != 3:
         channels = 3
-    raw = Preset(input_size=config.input_size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
-    mean, std = channel_stats(FolderDataset(train_dir, raw, classes, cache=False))  # decodes only its sample
-    preset = Preset(input_size=config.input_size, channels=channels, mean=mean, std=std)
+    pretrained, weights_name = pretrained_state(config.arch, config.weights) if config.weights else ({}, None)
+    if config.weights and config.arch != "convnet":
+        # Pretrained features expect the inputs they were trained on: the weights' own transforms.
+        known = preset_from_weights(config.arch, weights_name)
+        size = config.input_size or known.input_size
+        preset = Preset(input_size=size, channels=3, mean=known.mean, std=known.std, crop_ratio=known.crop_ratio)
+    else:
+        size = config.input_size or 32
+        raw = Preset(input_size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+        mean, std = channel_stats(FolderDataset(train_dir, raw, classes, cache=False))  # decodes only its sample
+        preset = Preset(input_size=size, channels=channels, mean=mean, std=std)
     train_set = FolderDataset(train_dir, preset, classes)
     val_set = FolderDataset(val_dir, preset, classes)
 
     loader_args: dict[str, Any] = {"batch_size": config.batch_size}
     if not train_set.cached:
-        loader_args.update(num_workers=2, persistent_workers=True)
+        loader_args.update(num_workers=2, persistent_workers=True, worker_init_fn=seed_worker)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = torch.utils.data.DataLoader(
         train_set, shuffle=True, generator=generator, drop_last=False, **loader_args
     )
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
 
-    net = build_model(config.arch, len(classes), channels, **config.arch_config()).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    net = build_model(config.arch, len(classes), channels, **config.arch_config())
+    head = head_keys(config.arch, len(classes), **config.arch_config()) if config.weights else set()
+    if config.weights:
+        fit_state_dict(net, pretrained, f"--weights {config.weights}", resizable=head)
+    params = freeze_backbone(net, head) if config.freeze_backbone else list(net.parameters())
+    net = net.to(device)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * len(train_loader), pct_start=0.2
     )
@@ -155,6 +239,8 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
     bar = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
         net.train()
+        if config.freeze_backbone:
+            hold_frozen_statistics(net)
         seen, correct, loss_sum = 0, 0, 0.0
         for images, targets in train_loader:  # (B, C, H, W), (B,)
             images, targets = images.to(device), targets.to(device)
@@ -198,6 +284,8 @@ def train(data: Path, out: Path, config: TrainConfig, name: str | None = None, p
             "train_images": len(train_set),
             "val_images": len(val_set),
             "seed": config.seed,
+            "threads": threads,
+            "weights": config.weights if weights_name is None else weights_name,
             "config": asdict(config),
         },
     )

@@ -13,7 +13,7 @@ import torch
 from imgpipe.errors import ConfigError, ImageError, ModelFileError
 from imgpipe.model import export, jit
 from imgpipe.model.engine import Engine, select_device
-from imgpipe.model.net import ConvNet, build_model
+from imgpipe.model.net import ConvNet, architectures, build_model, head_keys
 from imgpipe.model.preprocess import Preset
 from imgpipe.settings import SecuritySettings
 from tests.images import write_bad, write_bomb, write_good
@@ -52,8 +52,12 @@ def test_convnet_halves_resolution_per_block_and_builds_torchvision_archs() -> N
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
     resnet = build_model("resnet18", 7, 3)
     assert resnet(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
-    with pytest.raises(ValueError, match="valid: convnet, resnet18, mobilenet_v3_small"):
-        build_model("vgg", 3, 3)
+    assert build_model("mobilenet_v3_small", 4, 3).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert {"convnet", "efficientnet_b0", "vit_b_16", "regnet_y_400mf"} <= set(architectures())
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet5'; did you mean resnet50"):
+        build_model("resnet5", 3, 3)
+    assert head_keys("resnet18", 7) == {"fc.weight", "fc.bias"}
+    assert head_keys("mobilenet_v3_small", 7) == {"classifier.3.weight", "classifier.3.bias"}
 
 
 def test_export_load_round_trip_keeps_metadata(tmp_path: Path) -> None:
@@ -61,10 +65,73 @@ def test_export_load_round_trip_keeps_metadata(tmp_path: Path) -> None:
     written = export_small(path)
     _, metadata = export.load(path)
     assert metadata.labels == tuple(LABELS) and metadata.preset == written.preset
-    assert metadata.sha256 == written.sha256 == export.weights_sha256(small_net())
-    assert metadata.model_id == f"small@{written.sha256[:12]}"
+    assert metadata.sha256 == written.sha256 == export_small(tmp_path / "again.pt").sha256  # same model, same id
+    assert metadata.model_id == f"small@{written.sha256[:12]}" and metadata.version == 2
     assert metadata.torch_version == torch.__version__ and metadata.val_accuracy == 0.5
     assert metadata.arch == "convnet"
+
+
+def test_model_id_covers_weights_graph_labels_and_preset(tmp_path: Path) -> None:
+    """The sha256 changes with anything that changes a prediction, and only with that."""
+    base = export_small(tmp_path / "base.pt")
+    module, _ = export.load(tmp_path / "base.pt")
+    frozen = jit.freeze(module)  # weights folded into the graph: an empty state dict
+    assert not frozen.state_dict()
+
+    def stamped(net: torch.nn.Module, path: str, **changes: object) -> str:
+        kw: dict[str, object] = {"labels": LABELS, "preset": base.preset, **changes}
+        return export.export(
+            net,
+            tmp_path / path,
+            name="small",
+            arch="convnet",
+            arch_config={},
+            val_accuracy=None,
+            **kw,  # type: ignore[arg-type]
+        ).sha256
+
+    assert stamped(module, "copy.pt") == base.sha256  # re-exported as it is: same id
+    ids = {
+        base.sha256,
+        stamped(frozen, "frozen.pt"),
+        stamped(module, "labels.pt", labels=[f"class-{label}" for label in LABELS]),
+        stamped(module, "preset.pt", preset=Preset(input_size=16, channels=1, mean=(0.5,), std=(0.4,))),
+        export_small(tmp_path / "weights.pt", small_net(seed=1)).sha256,
+    }
+    assert len(ids) == 5
+    frozen_module, frozen_meta = export.load(tmp_path / "frozen.pt")
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(frozen_module(x), module(x), atol=1e-5) and frozen_meta.sha256 in ids
+
+
+def test_an_edited_archive_is_refused(tmp_path: Path) -> None:
+    """Changing one weight byte inside the zip (CRC kept valid) no longer matches the sha256."""
+    good = tmp_path / "good.pt"
+    export_small(good)
+    edited = tmp_path / "edited.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(edited, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data/0"):
+                data = bytes([data[0] ^ 1]) + data[1:]
+            dst.writestr(info, data)
+    with pytest.raises(ModelFileError, match="does not match metadata"):
+        export.load(edited)
+
+
+def test_metadata_version_1_files_still_load(tmp_path: Path) -> None:
+    """Files exported before the sha256 covered graph, labels and preset: checked by their weights sha256."""
+    net = small_net()
+    meta = json.loads(export_small(tmp_path / "v2.pt", net).to_json())
+    meta.update(version=1, sha256=export.weights_sha256(net))
+    old = tmp_path / "v1.pt"
+    jit.save(jit.script(net), old, {export.METADATA_FILE: json.dumps(meta)})
+    _, metadata = export.load(old)
+    assert metadata.version == 1 and metadata.model_id == f"small@{meta['sha256'][:12]}"
+    meta["sha256"] = "0" * 64
+    jit.save(jit.script(net), old, {export.METADATA_FILE: json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="does not match metadata"):
+        export.load(old)
 
 
 def test_exported_model_matches_eager_model_on_fixed_inputs(tmp_path: Path) -> None:
