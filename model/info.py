@@ -111,7 +111,7 @@ def render_list(rows: list[dict[str, Any]]) -> str:
             )
             continue
         accuracy = "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.4f}"
-        size = f"{row['preset']['input_size']}x{row['preset']['channels']}"
+        size = f"{row['preset']['input_size']} {'RGB' if row['preset']['channels'] == 3 else 'gray'}"
         lines.append(
             (row["id"], row["arch"], str(len(row["labels"])), size, accuracy, _size(row["bytes"]), row["file"])
         )

@@ -77,8 +77,8 @@ def check_arch(arch: str) -> None:
     valid = architectures()
     if arch not in valid:
         close = difflib.get_close_matches(arch, valid, n=4, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"valid: convnet or a torchvision name ({len(valid)})"
-        raise ConfigError(f"unknown architecture {arch!r}; {hint} (`imgpipe train --help` lists them)")
+        hint = f"did you mean {', '.join(close)}?" if close else "valid: convnet or a torchvision classification model"
+        raise ConfigError(f"unknown architecture {arch!r}; {hint} (all {len(valid)}: torchvision.models.list_models())")
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, **config: Any) -> nn.Module:
