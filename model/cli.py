@@ -433,7 +433,8 @@ def model_import(
     mean: str | None,
     std: str | None,
 ) -> None:
-    """Write an imgpipe model file from SOURCE (a TorchScript file) or from --arch plus --state-dict.
+    """Write an imgpipe model file from SOURCE (a TorchScript file, or a torch.export program .pt2) or from
+    --arch plus --state-dict.
 
     Labels and the preprocessing preset go into the file. Before writing, the model runs a forward pass,
     its output width must equal the number of labels, and the written file must compute what the original

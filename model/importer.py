@@ -161,10 +161,43 @@ def write_checked(
     return metadata
 
 
+def import_exported_program(
+    source: Path, out: Path, *, labels: list[str], preset: Preset, name: str
+) -> export.Metadata:
+    """A ``torch.export`` program (``.pt2``): its module is traced to TorchScript on fixed inputs, then checked
+    against the program on another batch size (a batch size baked into the program or the trace shows)."""
+    try:
+        program = torch.export.load(str(source))
+    except Exception as exc:
+        raise ModelFileError(f"{source}: not a torch.export program ({_first_line(exc)})") from None
+    module = program.module()
+    what = f"torch.export program {source.name}"
+    check_outputs(module, preset, labels, what)
+    try:
+        traced = jit.trace(module, fixed_inputs(preset, batch=CHECK_BATCH - 1))
+    except Exception as exc:
+        raise ConfigError(f"{source}: cannot convert the program to TorchScript ({_first_line(exc)})") from None
+    return write_checked(
+        module,
+        traced,
+        out,
+        name=name,
+        arch="torch.export",
+        arch_config={},
+        labels=labels,
+        preset=preset,
+        what=what,
+        extra={"imported_from": {"kind": "torch.export", "file": source.name}},
+    )
+
+
 def import_torchscript(source: Path, out: Path, *, labels: list[str], preset: Preset, name: str) -> export.Metadata:
-    """Wrap an existing TorchScript file (scripted, traced or frozen) with labels and preset."""
+    """Wrap an existing TorchScript file (scripted, traced or frozen) with labels and preset; a ``.pt2`` file
+    is a ``torch.export`` program (import_exported_program)."""
     if not source.is_file():
-        raise ConfigError(f"TorchScript file not found: {source}")
+        raise ConfigError(f"model file not found: {source}")
+    if source.suffix == ".pt2":
+        return import_exported_program(source, out, labels=labels, preset=preset, name=name)
     try:
         module = jit.load(source, {}, map_location="cpu").eval()
     except Exception as exc:

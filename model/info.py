@@ -59,7 +59,7 @@ def _preset(p: dict[str, Any]) -> str:
 def _source(s: dict[str, Any]) -> str:
     if s.get("kind") == "trained":
         return f"trained by imgpipe (best epoch {s.get('best_epoch')}/{s.get('epochs')})"
-    if s.get("kind") in ("torchscript", "state_dict"):
+    if s.get("kind") in ("torchscript", "state_dict", "torch.export"):
         return f"imported from {s.get('file')} ({s['kind'].replace('_', ' ')})"
     return "unknown"
 

@@ -32,6 +32,17 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(module)
 
 
+def trace(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """Record ``module`` on ``example`` (for programs that cannot be scripted, such as a torch.export module).
+
+    A torch.export module's shape guards make the tracer warn that they become constants; the importer runs
+    the traced file against the original on another batch size, which is the check that matters.
+    """
+    with _deprecation_acknowledged(), warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return torch.jit.trace(module, example, check_trace=False)
+
+
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     with _deprecation_acknowledged():
         return torch.jit.freeze(module)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -241,3 +243,55 @@ def test_fake_oom_largest_batch_bisects_to_the_limit() -> None:
 
     assert largest_batch(step) == 37
     assert largest_batch(lambda n: None, limit=64) == 64
+
+
+def test_import_torch_export_program_with_a_dynamic_batch(tmp_path: Path) -> None:
+    """A torch.export program (.pt2) is traced to TorchScript and checked on another batch size."""
+    from imgpipe.model.importer import import_torchscript
+    from imgpipe.model.net import ConvNet
+
+    torch.manual_seed(0)
+    net = ConvNet(3, in_channels=3, widths=(8, 16), convs_per_block=1).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes={"x": {0: batch}})
+    source = tmp_path / "net.pt2"
+    torch.export.save(program, str(source))
+    preset = Preset(16, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    metadata = import_torchscript(source, tmp_path / "m.pt", labels=LABELS, preset=preset, name="exported")
+    module, loaded = export.load(tmp_path / "m.pt")
+    x = torch.randn(5, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(module(x), net(x), atol=1e-5)
+    assert loaded.model_id == metadata.model_id and loaded.arch == "torch.export"
+
+    static = torch.export.export(net, (torch.randn(2, 3, 16, 16),))  # batch size fixed at 2
+    torch.export.save(static, str(tmp_path / "static.pt2"))
+    result = invoke(
+        "model", "import", str(tmp_path / "static.pt2"), "--labels", str(write_labels(tmp_path)),
+        "--input-size", "16", "--mean", MEAN, "--std", STD, "-o", str(tmp_path / "never.pt"),
+    )  # fmt: skip
+    assert_one_line_error(result, "fails on a (3, 3, 16, 16) batch")
+    assert not (tmp_path / "never.pt").exists()
+
+
+def write_labels(folder: Path) -> Path:
+    path = folder / "labels.txt"
+    path.write_text("\n".join(LABELS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "args", [["model", "--help"], ["model", "import", "--help"], ["train", "--help"]], ids=" ".join
+)
+def test_model_help_imports_no_torch(args: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from imgpipe.cli import cli\n"
+        "try:\n"
+        f"    cli.main({args!r}, prog_name='imgpipe')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "print(sorted({m.partition('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'celery'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout + result.stderr
