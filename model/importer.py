@@ -13,7 +13,7 @@ import torch
 
 from imgpipe.errors import ConfigError, ModelFileError
 from imgpipe.model import export, jit
-from imgpipe.model.net import build_model, check_arch, fit_state_dict, head_keys, read_state_dict
+from imgpipe.model.net import AUX_PREFIXES, build_model, check_arch, fit_state_dict, head_keys, read_state_dict
 from imgpipe.model.preprocess import Preset
 
 # Parity of the written file against the original: float32 through the same kernels agrees far closer.
@@ -151,7 +151,10 @@ def write_checked(
     try:
         module, _ = export.load(out)
         with torch.inference_mode():
-            got = module(fixed_inputs(preset)).float()
+            got = module(fixed_inputs(preset))
+        if not isinstance(got, torch.Tensor):
+            raise ConfigError(f"the written file returns {type(got).__name__}, not one tensor of logits")
+        got = got.float()
         if not torch.allclose(got, expected, atol=PARITY_ATOL, rtol=PARITY_RTOL):
             worst = float((got - expected).abs().max())
             raise ConfigError(f"parity check failed: the written file differs from {what} by up to {worst:.2e}")
@@ -159,6 +162,24 @@ def write_checked(
         out.unlink(missing_ok=True)  # a file that fails its check is never left behind
         raise
     return metadata
+
+
+def to_torchscript(net: torch.nn.Module, preset: Preset) -> torch.jit.ScriptModule:
+    """Script ``net`` (keeps control flow); an architecture that cannot be scripted, or whose scripted form
+    returns more than logits, is traced instead, which the parity check on another batch size then holds to
+    the original."""
+    net = net.eval().cpu()
+    example = fixed_inputs(preset, batch=CHECK_BATCH - 1)
+    try:
+        scripted = jit.script(net)
+        with torch.inference_mode():
+            if isinstance(scripted(example), torch.Tensor):
+                return scripted
+    except Exception:
+        pass
+    # Not scriptable, or scripted it returns more than logits (GoogLeNet and Inception return a named tuple
+    # of main and auxiliary outputs when scripted; in eval mode, eager and traced, the logits alone).
+    return jit.trace(net, example)
 
 
 def import_exported_program(
@@ -237,10 +258,12 @@ def import_state_dict(
         raise ConfigError(
             f"label count mismatch: {state_path.name} has {outputs} outputs but --labels gives {len(labels)}"
         )
-    fit_state_dict(net, state, f"{state_path.name} for {arch}")
+    fit_state_dict(
+        net, {k: v for k, v in state.items() if not k.startswith(AUX_PREFIXES)}, f"{state_path.name} for {arch}"
+    )
     return write_checked(
         net,
-        net,
+        to_torchscript(net, preset),
         out,
         name=name,
         arch=arch,

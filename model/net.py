@@ -95,6 +95,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, **config: Any) ->
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **{**extra, **config})
 
 
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+
+
 def head_keys(arch: str, num_classes: int, **config: Any) -> set[str]:
     """State-dict keys whose shape depends on the number of classes: the classifier head, found by building
     the architecture twice on the meta device (no memory, no weights) with two class counts."""
@@ -202,4 +205,12 @@ def pretrained_state(arch: str, weights: str) -> tuple[dict[str, torch.Tensor], 
     if path.is_file() or path.suffix in (".pth", ".pt", ".safetensors", ".bin") or "/" in weights:
         return read_state_dict(path), None
     enum = weights_enum(arch, weights)
-    return dict(enum.get_state_dict(progress=False, check_hash=True)), enum.name
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # offline, proxy, a corrupt cache entry: say so in one line
+        raise ConfigError(
+            f"cannot fetch torchvision weights {arch} {enum.name} from {enum.url} ({exc.__class__.__name__}: "
+            f"{str(exc)[:120]}); download it elsewhere and pass the file to --weights"
+        ) from None
+    # Inception-style auxiliary heads are built off (build_model): their pretrained tensors are not needed.
+    return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIXES)}, enum.name

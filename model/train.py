@@ -29,6 +29,7 @@ from imgpipe.model import export
 from imgpipe.model.data import FolderDataset, find_classes, iter_images
 from imgpipe.model.engine import select_device
 from imgpipe.model.evaluate import Evaluation, evaluate, save_curves_png, write_report
+from imgpipe.model.importer import to_torchscript
 from imgpipe.model.net import build_model, fit_state_dict, head_keys, preset_from_weights, pretrained_state
 from imgpipe.model.preprocess import Preset
 
@@ -270,7 +271,7 @@ def _train(
 
     net.load_state_dict(best_state)
     metadata = export.export(
-        net,
+        to_torchscript(net.cpu(), preset),
         out,
         name=name or out.stem,
         arch=config.arch,
