@@ -295,3 +295,28 @@ def test_model_help_imports_no_torch(args: list[str]) -> None:
     )
     result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+
+
+class TupleWhenScripted(torch.nn.Module):
+    """Like GoogLeNet: scripted, it returns (logits, auxiliary); eager in eval mode, the logits alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, len(LABELS))
+
+    def forward(self, x: torch.Tensor) -> object:
+        logits = self.fc(x.flatten(1))
+        if torch.jit.is_scripting():
+            return logits, x
+        return logits
+
+
+def test_a_model_that_scripts_to_more_than_logits_is_traced() -> None:
+    from imgpipe.model.importer import to_torchscript
+
+    net = TupleWhenScripted().eval()
+    converted = to_torchscript(net, Preset(8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    x = torch.randn(5, 3, 8, 8)
+    with torch.inference_mode():
+        out = converted(x)
+        assert isinstance(out, torch.Tensor) and torch.allclose(out, net(x))
