@@ -419,10 +419,7 @@ def test_help_names_every_setting_the_command_reads(name: str) -> None:
         "results",
         "cancel",
         "delete",
-        pytest.param(
-            "train",
-            marks=pytest.mark.xfail(strict=True, reason="train's options belong to the models helper's change"),
-        ),
+        "train",
     ],
 )
 def test_every_option_is_described(name: str) -> None:
