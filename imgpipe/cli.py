@@ -149,6 +149,9 @@ def cli() -> None:
 
 
 def main() -> None:
+    from imgpipe.threads import configure_openmp
+
+    configure_openmp()  # before any command imports torch: OpenMP reads its wait policy once, when it loads
     cli.main(prog_name="imgpipe")
 
 

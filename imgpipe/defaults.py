@@ -10,8 +10,9 @@ DEVICE = "auto"
 MAX_BATCH = 64
 # Longest a worker waits to fill a batch before running a partial one (milliseconds).
 MAX_WAIT_MS = 50
-# Threads that read and decode images (Pillow releases the GIL while decoding).
-DECODE_THREADS = 4
+# Threads that read and decode images (Pillow releases the GIL while decoding); 0: one per available core
+# (affinity and cgroup quota, imgpipe/threads.py), up to DECODE_THREADS_MAX.
+DECODE_THREADS = 0
 # Paths per queue message sent by `imgpipe enqueue`.
 CHUNK_SIZE = 32
 # Largest image file a worker will read (bytes).
@@ -61,3 +62,13 @@ TOPK = 3
 RESULT_TTL_DAYS = 7
 # Extensions the producer treats as images (lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Most decode threads chosen automatically (IMGPIPE_DECODE_THREADS=0): past this, reading and Python overhead bound.
+DECODE_THREADS_MAX = 16
+# Torch intra-op threads of an engine; 0: chosen from the cores and the device (imgpipe/threads.py).
+TORCH_THREADS = 0
+# OpenMP wait policy set before torch loads (unless OMP_WAIT_POLICY is set): idle threads sleep, not spin.
+OMP_WAIT_POLICY = "PASSIVE"
+# Adaptive batching: target p95 latency from message receipt to record (ms); 0: off (fixed MAX_BATCH/MAX_WAIT_MS).
+MAX_LATENCY_MS = 0
+# `imgpipe watch`: ms to wait after a file event for more files, so that a burst goes out in chunked messages.
+WATCH_COALESCE_MS = 5

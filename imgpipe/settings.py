@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from imgpipe import defaults
+from imgpipe import defaults, threads
 from imgpipe.errors import ConfigError
 
 ENV_PREFIX = "IMGPIPE_"
@@ -43,7 +43,13 @@ class ModelSettings:
 class BatchSettings:
     max_batch: int = defaults.MAX_BATCH
     max_wait_ms: int = defaults.MAX_WAIT_MS
-    decode_threads: int = defaults.DECODE_THREADS
+    decode_threads: int = defaults.DECODE_THREADS  # 0 becomes a count from the cores (imgpipe/threads.py)
+    torch_threads: int = defaults.TORCH_THREADS  # 0: chosen per device by the engine (imgpipe/threads.py)
+    max_latency_ms: int = defaults.MAX_LATENCY_MS  # 0: adaptive batching off
+
+    def __post_init__(self) -> None:
+        if self.decode_threads == 0:
+            object.__setattr__(self, "decode_threads", threads.decode_threads())
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ VARS: tuple[Var, ...] = (
     Var("TOPK", "model", "topk", "int", "labels (with scores) per record", 1),
     Var("MAX_BATCH", "batch", "max_batch", "int", "images per inference batch", 1),
     Var("MAX_WAIT_MS", "batch", "max_wait_ms", "int", "longest a worker waits to fill a batch (ms)", 0),
-    Var("DECODE_THREADS", "batch", "decode_threads", "int", "threads reading and decoding images", 1),
+    Var("DECODE_THREADS", "batch", "decode_threads", "int", "threads reading and decoding images (0: one per core)", 0),
     Var("CHUNK_SIZE", "producer", "chunk_size", "int", "image paths per queue message (`enqueue`, `watch`)", 1),
     Var(
         "WATCH_SETTLE_MS",
@@ -170,6 +176,15 @@ VARS: tuple[Var, ...] = (
         "path",
         "folder where each worker process keeps the sentinel `imgpipe worker --check` reads "
         "(default: $TMPDIR/imgpipe-health-<uid>)",
+    ),
+    Var("TORCH_THREADS", "batch", "torch_threads", "int", "torch intra-op threads (0: from the cores and device)", 0),
+    Var(
+        "MAX_LATENCY_MS",
+        "batch",
+        "max_latency_ms",
+        "int",
+        "adaptive batching: p95 target from message receipt to record, sizes batches (ms; 0: off)",
+        0,
     ),
 )
 VARS_BY_NAME = {var.name: var for var in VARS}

@@ -25,7 +25,11 @@ def load_engine(settings: Settings) -> Any:
     from imgpipe.model.engine import Engine
 
     return Engine.load(
-        settings.model.resolved_path(), settings.model.device, topk=settings.model.topk, security=settings.security
+        settings.model.resolved_path(),
+        settings.model.device,
+        topk=settings.model.topk,
+        security=settings.security,
+        torch_threads=settings.batch.torch_threads,
     )
 
 

@@ -48,6 +48,12 @@ def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return torch.jit.freeze(module)
 
 
+def optimize_for_inference(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Frozen and fused for inference (conv + batch-norm folded, oneDNN layouts on the CPU)."""
+    with _deprecation_acknowledged():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+
+
 def save(module: torch.jit.ScriptModule, path: Path | IO[bytes], extra_files: dict[str, str]) -> None:
     """Write a TorchScript archive to a file or a binary stream."""
     with _deprecation_acknowledged():

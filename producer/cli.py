@@ -134,7 +134,8 @@ def watch(
 ) -> None:
     """Streaming: enqueue each new image file under DIRECTORY once it is completely written, until stopped.
 
-    Prints the job id; one message per image, which workers batch together. Ctrl-C (or SIGTERM) stops it,
+    Prints the job id; files that land together (within a few ms) go out as messages of up to
+    IMGPIPE_CHUNK_SIZE paths, and workers batch across messages. Ctrl-C (or SIGTERM) stops it,
     saying how many images it sent.
     """
     from imgpipe.broker import redis_client
@@ -149,21 +150,20 @@ def watch(
     client = redis_client(settings.redis)
     ttl = settings.redis.result_ttl_days * 86400
     job_id = create_job(client, job_id, kind="stream", roots=[root], ttl_seconds=ttl)
+    watcher = Watcher(root, settle_s=settle)
+    watcher.start()  # watching before the job id is printed: a file that lands right after it is not missed
     click.echo(job_id)
     sys.stdout.flush()
     stop = threading.Event()
     app = producer_app(settings.redis)
-    watcher = Watcher(root, on_ready=lambda path: None, settle_s=settle)
     failure: list[BaseException] = []
 
     def stream() -> None:
         try:
-            with Enqueuer(client, app, job_id, chunk_size=1, ttl_seconds=ttl) as single:
-
-                def send(path: str) -> None:
-                    single.add([path])
-
-                watcher.on_ready = send
+            chunk = settings.producer.chunk_size
+            with Enqueuer(client, app, job_id, chunk_size=chunk, ttl_seconds=ttl) as enqueuer:
+                # Files that land together (within WATCH_COALESCE_MS) go out in messages of up to `chunk` paths.
+                watcher.on_batch = enqueuer.add
                 watcher.run(stop)
         except BaseException as exc:
             failure.append(exc)

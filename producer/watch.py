@@ -2,7 +2,9 @@
 
 File-system events (watchdog: inotify on Linux) say where to look; a file is complete when it was closed
 after writing, or moved in whole, or, where no such event comes (network file systems, other platforms),
-when its size and modification time have stayed the same for a settle time.
+when its size and modification time have stayed the same for a settle time. Files that become ready together
+(within a few ms, defaults.WATCH_COALESCE_MS) are handed over as one list, so a burst of files is sent as a
+few chunked messages rather than one message per file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -23,7 +26,7 @@ from imgpipe.scan import is_image_name, scan
 
 log = logging.getLogger(__name__)
 
-# Seconds between checks of the files seen but not yet sent.
+# Seconds between checks of the files seen but not yet sent, when no event wakes the watcher sooner.
 POLL_S = 0.1
 
 
@@ -40,14 +43,21 @@ class Watcher(FileSystemEventHandler):
     def __init__(
         self,
         root: str,
-        on_ready: Callable[[str], None],
+        on_ready: Callable[[str], None] | None = None,
         settle_s: float = defaults.WATCH_SETTLE_MS / 1000,
         extensions: tuple[str, ...] = defaults.IMAGE_EXTENSIONS,
+        *,
+        on_batch: Callable[[list[str]], None] | None = None,
+        coalesce_s: float = defaults.WATCH_COALESCE_MS / 1000,
     ) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
         self.on_ready = on_ready
+        self.on_batch = on_batch  # when set, the files ready in one check go out as one list
         self.settle_s = settle_s
+        self.coalesce_s = coalesce_s
+        self._wake = threading.Event()  # set by each event: a check soon, after the coalescing wait
+        self._observer: Any = None
         self.extensions = extensions
         self.sent: set[str] = set()
         self._pending: dict[str, _Pending] = {}
@@ -92,6 +102,7 @@ class Watcher(FileSystemEventHandler):
                 self._pending[path] = _Pending(closed=closed)
             else:
                 pending.closed = closed
+        self._wake.set()
 
     def _forget(self, path: str) -> None:
         with self._lock:
@@ -127,25 +138,43 @@ class Watcher(FileSystemEventHandler):
             needed = 0.0 if pending.closed and info.st_size > 0 else self.settle_s
             if quiet >= needed:
                 ready.append(path)
+        fresh = []
         for path in ready:
             with self._lock:
                 if path in self.sent or self._pending.pop(path, None) is None:
                     continue
                 self.sent.add(path)
-            self.on_ready(path)
-        return ready
+            fresh.append(path)
+        if self.on_batch is not None:
+            if fresh:
+                self.on_batch(fresh)
+        elif self.on_ready is not None:
+            for path in fresh:
+                self.on_ready(path)
+        return fresh
+
+    def start(self) -> None:
+        """Start watching now: events from this point on are seen (``run`` starts it if not started)."""
+        if self._observer is None:
+            self._observer = Observer()
+            self._observer.schedule(self, self.root, recursive=True)
+            self._observer.start()
 
     def run(self, stop: threading.Event) -> None:
-        """Watch until ``stop`` is set."""
-        observer = Observer()
-        observer.schedule(self, self.root, recursive=True)
-        observer.start()
+        """Watch until ``stop`` is set. After an event, wait ``coalesce_s`` for more to land, then check:
+        a burst of files goes out together, and a lone file waits only those few ms."""
+        self.start()
         try:
-            while not stop.wait(POLL_S):
+            while not stop.is_set():
+                if self._wake.wait(POLL_S):
+                    if stop.wait(self.coalesce_s):
+                        break
+                    self._wake.clear()
                 self.check()
         finally:
-            observer.stop()
-            observer.join(timeout=10)
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
 
 
 def _text(path: str | bytes) -> str:

@@ -30,7 +30,13 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe.worker.tasks import register
 
     client = redis_client(settings.redis)
-    engine = Engine.load(settings.model.resolved_path(), device, topk=settings.model.topk, security=settings.security)
+    engine = Engine.load(
+        settings.model.resolved_path(),
+        device,
+        topk=settings.model.topk,
+        security=settings.security,
+        torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
+    )
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
     server = metrics_server.start_metrics_server(settings.metrics)
     batcher = Batcher(engine, settings.batch).start()

@@ -1,248 +1,389 @@
-"""`imgpipe bench`: the engine, enqueue and pipeline suites against baselines measured in the same run, as ratios.
+"""`imgpipe bench`: imgpipe against the script a user would write and against itself fed in other ways, side by
+side on the same images, rounds interleaved, medians and ratios from one run.
 
-Torch is imported only by the suites that need it, so `imgpipe bench --suite enqueue` runs on a producer host.
+Torch is imported only by the variants that need it, so `imgpipe bench --variants enqueue` runs on a producer host.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
-from contextlib import ExitStack
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from imgpipe.bench.results import BenchError, SuiteResult
+from imgpipe import threads
+from imgpipe.bench.results import BenchError, Rounds
+from imgpipe.bench.workloads import WORKLOADS, Workload
 from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import ScratchRedisError, scratch_redis
-from imgpipe.settings import Settings
+from imgpipe.settings import ENV_PREFIX, Settings
 
-SUITES = ("engine", "photos", "enqueue", "pipeline")
-# Suites that need the scratch redis-server (skipped without one).
-REDIS_SUITES = ("enqueue", "pipeline")
+VARIANTS = ("inprocess", "dataloader", "naive", "pipeline", "stream", "watch", "enqueue")
+# Variants that need the scratch redis-server (skipped without one).
+REDIS_VARIANTS = ("naive", "pipeline", "stream", "watch", "enqueue")
+# The ratios the JSON reports: numerator variant / denominator variant, per workload.
+RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "inprocess"), ("pipeline", "naive"))
+PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
+PEER_NUM_WORKERS = (0, 2)
+WHAT = {
+    "inprocess": "`imgpipe classify` path: scan, decode threads, batched inference, JSONL records",
+    "dataloader": "peer: plain DataLoader script, same model and preprocessing (best of num_workers 0, 2)",
+    "naive": "one Celery task per image, no batching (imgpipe worker, IMGPIPE_MAX_BATCH=1, 1 path/message)",
+    "pipeline": "`imgpipe enqueue --wait` path: chunks of --chunk-size paths into warm workers",
+    "stream": "the same images one path per message, as a third-party producer sends them",
+    "watch": "files moved into a folder `imgpipe watch` streams, first landing to last record",
+}
 
 
-def parse_suites(text: str) -> list[str]:
-    """The suites named in a comma-separated list, in their fixed order; ConfigError for an unknown one."""
+def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
+    """The names in a comma-separated list, in their fixed order; ConfigError for an unknown one."""
     names = {part.strip() for part in text.split(",") if part.strip()}
-    unknown = sorted(names - set(SUITES))
+    unknown = sorted(names - set(valid))
     if unknown or not names:
-        raise ConfigError(
-            f"--suite {text!r}: unknown suite {', '.join(unknown) or '(none)'}; valid: {', '.join(SUITES)}"
-        )
-    return [suite for suite in SUITES if suite in names]
+        raise ConfigError(f"{flag} {text!r}: unknown {', '.join(unknown) or '(none)'}; valid: {', '.join(valid)}")
+    return [name for name in valid if name in names]
 
 
 @click.command()
 @click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
-    "--suite",
-    "suites",
-    default=",".join(SUITES),
+    "--workload",
+    "workloads",
+    default=",".join(WORKLOADS),
     show_default=True,
-    help=f"Comma-separated suites to run: {', '.join(SUITES)}.",
+    help="digits (the demo PNGs, DATA if given) and/or photos (640x480 JPEGs, mobilenet_v3_small).",
 )
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated variants to run.")
+@click.option("--images", default=4000, show_default=True, type=click.IntRange(min=1), help="digits: images.")
+@click.option("--photos", default=300, show_default=True, type=click.IntRange(min=1), help="photos: images.")
 @click.option(
-    "--images",
-    default=2000,
+    "--rounds",
+    default=3,
     show_default=True,
     type=click.IntRange(min=1),
-    help="engine: images per measurement (inputs repeat to fill).",
+    help="Interleaved rounds; the median of each variant counts.",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Warm `imgpipe worker` processes of the queue variants.",
 )
 @click.option(
     "--batch-size",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="engine: batch size; pipeline: the worker's IMGPIPE_MAX_BATCH (against 1).",
-)
-@click.option(
-    "--decode-threads",
     default=None,
     type=click.IntRange(min=1),
-    help="Decode threads of the engine and the worker [env IMGPIPE_DECODE_THREADS; default 4].",
-)
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Model file [env IMGPIPE_MODEL; default: the bundled demo digits CNN].",
-)
-@click.option("--device", default="cpu", show_default=True, help="Device of the engine and the worker.")
-@click.option(
-    "--repeat", default=3, show_default=True, type=click.IntRange(min=1), help="Runs per variant; the median counts."
-)
-@click.option(
-    "--paths",
-    default=20000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="enqueue: synthetic paths per measurement.",
+    help="Images per inference batch, every variant [env IMGPIPE_MAX_BATCH; default 64].",
 )
 @click.option(
     "--chunk-size",
     default=None,
     type=click.IntRange(min=1),
-    help="enqueue: paths per message [env IMGPIPE_CHUNK_SIZE; default 32].",
+    help="pipeline, enqueue: paths per message [env IMGPIPE_CHUNK_SIZE; default 32].",
 )
 @click.option(
-    "--scan-files",
-    default=20000,
+    "--paths",
+    default=100_000,
     show_default=True,
     type=click.IntRange(min=1),
-    help="enqueue: empty files in the generated tree that the scan walks.",
+    help="enqueue: synthetic paths per measurement.",
 )
-@click.option(
-    "--pipeline-images",
-    default=600,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="pipeline: images per job, one per message.",
-)
+@click.option("--device", default="cpu", show_default=True, help="Device of the engine and the workers.")
+@click.option("--contention", is_flag=True, help="Keep one core busy with a CPU-bound process for the whole run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 def bench(
     data: Path | None,
-    suites: str,
+    workloads: str,
+    variants: str,
     images: int,
-    batch_size: int,
-    decode_threads: int | None,
-    model_path: Path | None,
-    device: str,
-    repeat: int,
-    paths: int,
+    photos: int,
+    rounds: int,
+    workers: int,
+    batch_size: int | None,
     chunk_size: int | None,
-    scan_files: int,
-    pipeline_images: int,
+    paths: int,
+    device: str,
+    contention: bool,
+    json_path: Path | None,
 ) -> None:
-    """Benchmark imgpipe against naive baselines measured in the same run, reported as ratios.
+    """Benchmark imgpipe side by side with the script a user would write, on the same generated images.
 
     \b
-    engine    the in-process engine against one image at a time (images of DATA, or the demo images)
-    photos    the same on generated photo-sized JPEGs (2048x1536), where decoding dominates
-    enqueue   the producer against a plain Celery send_task loop, and the folder scan
-    pipeline  a real `imgpipe worker` fed one-image messages, batching across messages (--batch-size)
-              against IMGPIPE_MAX_BATCH=1 (images of DATA, or the demo images)
+    inprocess   `imgpipe classify`'s path end to end (scan, decode, infer, write records), model warm
+    dataloader  the peer: a plain torch DataLoader script (imgpipe/bench/peers/dataloader_script.py),
+                same model file and preprocessing, best of num_workers 0 and 2, default threads
+    naive       one Celery task per image, no batching (an `imgpipe worker` with IMGPIPE_MAX_BATCH=1)
+    pipeline    `imgpipe enqueue --wait` into a scratch Redis with --workers warm `imgpipe worker`s
+    stream      the same images as one-path messages, as a third-party producer sends them
+    watch       files landing in a folder that `imgpipe watch` streams, timed to their records
+    enqueue     paths/s of the producer for --paths synthetic paths (against a plain send_task loop)
 
-    A table per suite, then one JSON line with every suite's rates and ratios. enqueue and pipeline start
-    their own redis-server on a free loopback port (never IMGPIPE_REDIS_URL); without redis-server they are
-    skipped.
+    Rounds are interleaved (A B C, A B C, ...) so that drift in the machine's load touches every variant
+    alike; the medians and the ratios inprocess/dataloader, pipeline/inprocess, stream/inprocess and
+    pipeline/naive are printed as a table and as one JSON line (and --json FILE). The queue variants start
+    their own redis-server on a free loopback port (never IMGPIPE_REDIS_URL); without one they are skipped.
     """
-    chosen = parse_suites(suites)
+    chosen_workloads = parse_names(workloads, WORKLOADS, "--workload")
+    chosen = parse_names(variants, VARIANTS, "--variants")
     settings = Settings.from_env(sections=("model", "batch", "security", "producer"))
     options = _Options(
         data=data,
-        images=images,
-        batch_size=batch_size,
-        decode_threads=decode_threads or settings.batch.decode_threads,
-        model=(model_path or settings.model.resolved_path()).absolute(),
-        device=device,
-        repeat=repeat,
-        paths=paths,
+        counts={"digits": images, "photos": photos},
+        rounds=rounds,
+        workers=workers,
+        batch_size=batch_size or settings.batch.max_batch,
         chunk_size=chunk_size or settings.producer.chunk_size,
-        scan_files=scan_files,
-        pipeline_images=pipeline_images,
+        paths=paths,
+        device=device,
+        digits_model=settings.model.resolved_path().absolute(),
+        torch_threads=settings.batch.torch_threads,
+        decode_threads=settings.batch.decode_threads,
     )
-    summary: dict[str, Any] = {}
+    cpus = threads.available_cpus()
+    summary: dict[str, Any] = {
+        "machine": {
+            "cpus": cpus,
+            "os_cpu_count": os.cpu_count(),
+            "device": device,
+            "contention": contention,
+            "decode_threads": options.decode_threads,
+            "torch_threads_cpu": options.torch_threads or threads.torch_threads("cpu", cpus),
+        },
+        "settings": {
+            "rounds": rounds,
+            "workers": workers,
+            "batch_size": options.batch_size,
+            "chunk_size": options.chunk_size,
+        },
+        "workloads": {},
+    }
     with ExitStack() as stack:
-        run = _Run(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-bench-"))), settings, options)
-        for suite in chosen:
-            if suite in REDIS_SUITES and run.redis_url is None:
-                try:
-                    run.redis_url = stack.enter_context(scratch_redis(run.tmp / "redis"))
-                except ScratchRedisError as exc:
-                    click.echo(f"{suite}: skipped: {exc}\n")
-                    summary[suite] = {"skipped": str(exc)}
-                    continue
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-bench-")))
+        if contention:
+            stack.enter_context(busy_core())
+        redis_url: str | None = None
+        if any(v in REDIS_VARIANTS for v in chosen):
             try:
-                result = run.suite(suite)
-            except BenchError as exc:
-                raise click.ClickException(f"{suite} suite: {exc}") from None
-            click.echo(result.table() + "\n")
-            summary[suite] = result.summary()
-    click.echo(json.dumps(summary))
+                redis_url = stack.enter_context(scratch_redis(tmp / "redis"))
+            except ScratchRedisError as exc:
+                skipped = [v for v in chosen if v in REDIS_VARIANTS]
+                click.echo(f"{', '.join(skipped)}: skipped: {exc}")
+                summary["skipped"] = {v: str(exc) for v in skipped}
+                chosen = [v for v in chosen if v not in REDIS_VARIANTS]
+        try:
+            for name in chosen_workloads:
+                image_variants = [v for v in chosen if v != "enqueue"]
+                if image_variants:
+                    result = _run_workload(name, tmp, options, image_variants, redis_url)
+                    summary["workloads"][name] = result
+                    click.echo(_table(name, result) + "\n")
+            if "enqueue" in chosen:
+                assert redis_url is not None
+                summary["enqueue"] = _run_enqueue(redis_url, options)
+        except BenchError as exc:
+            raise click.ClickException(str(exc)) from None
+    text = json.dumps(summary)
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    click.echo(text)
 
 
 @dataclass(frozen=True)
 class _Options:
     data: Path | None
-    images: int
+    counts: dict[str, int]
+    rounds: int
+    workers: int
     batch_size: int
-    decode_threads: int
-    model: Path
-    device: str
-    repeat: int
-    paths: int
     chunk_size: int
-    scan_files: int
-    pipeline_images: int
+    paths: int
+    device: str
+    digits_model: Path
+    torch_threads: int
+    decode_threads: int
 
 
-@dataclass
-class _Run:
-    """One `imgpipe bench` run: its temp folder, the demo images (written once, when a suite needs them), and
-    the scratch Redis that the enqueue and pipeline suites share."""
+def _progress(workload: str, round_: int, rounds: int, variant: str, rate: float) -> None:
+    click.echo(f"{workload} round {round_}/{rounds}: {variant:<13} {rate:9.1f} images/s", err=True)
 
-    tmp: Path
-    settings: Settings
-    options: _Options
-    redis_url: str | None = None
-    _demo: Path | None = None
 
-    def images(self) -> Path:
-        if self.options.data is not None:
-            return self.options.data
-        if self._demo is None:
-            from imgpipe.model.data import write_demo_dataset
+def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_url: str | None) -> dict[str, Any]:
+    """Every chosen variant on workload ``name``, rounds interleaved; the workload's JSON entry."""
+    from imgpipe.bench.workloads import prepare
 
-            write_demo_dataset(self.tmp / "demo")
-            self._demo = self.tmp / "demo"
-        return self._demo
+    click.echo(f"{name}: preparing {o.counts[name]} images", err=True)
+    workload = prepare(name, tmp, o.counts[name], o.data if name == "digits" else None, o.digits_model)
+    runners: dict[str, Callable[[], float]] = {}
+    rounds = Rounds()
+    info: dict[str, Any] = {}
+    with ExitStack() as stack:
+        if "inprocess" in variants:
+            runners["inprocess"] = _inprocess(workload, tmp, o)
+        if "dataloader" in variants:
+            for workers in PEER_NUM_WORKERS:
+                runners[f"dataloader_w{workers}"] = _peer(workload, tmp, o, workers)
+        queue_variants = [v for v in variants if v in ("naive", "pipeline", "stream", "watch")]
+        if queue_variants:
+            assert redis_url is not None
+            from imgpipe.bench.pipeline import Workers
 
-    def suite(self, name: str) -> SuiteResult:
-        o = self.options
-        if name in ("engine", "photos"):
-            from imgpipe.bench.engine import run_bench, write_photos
-            from imgpipe.model.cli import load_engine
+            common = {"count": o.workers, "model": workload.model, "roots": workload.images.parent}
+            env = {f"{ENV_PREFIX}DEVICE": o.device, f"{ENV_PREFIX}DECODE_THREADS": str(o.decode_threads)}
+            if o.torch_threads:
+                env[f"{ENV_PREFIX}TORCH_THREADS"] = str(o.torch_threads)
+            sets = {}
+            if "naive" in queue_variants:
+                sets["naive"] = stack.enter_context(
+                    Workers(redis_url, 1, tmp / name / "naive", **common, env={**env, f"{ENV_PREFIX}MAX_BATCH": "1"})
+                )
+            if set(queue_variants) - {"naive"}:
+                sets["batched"] = stack.enter_context(
+                    Workers(redis_url, 0, tmp / name / "batched", **common,
+                            env={**env, f"{ENV_PREFIX}MAX_BATCH": str(o.batch_size)})
+                )  # fmt: skip
+            for workers_set in sets.values():
+                workers_set.wait_ready()
+            for set_name, workers_set in sets.items():  # warm-up: page cache, TorchScript executor, connections
+                workers_set.run_job(workload.images, o.batch_size if set_name == "batched" else 1)
+            if "naive" in sets:
+                runners["naive"] = lambda: sets["naive"].run_job(workload.images, 1)
+            if "pipeline" in queue_variants:
+                runners["pipeline"] = lambda: sets["batched"].run_job(workload.images, o.chunk_size)
+            if "stream" in queue_variants:
+                runners["stream"] = lambda: sets["batched"].run_job(workload.images, 1)
+            if "watch" in queue_variants:
+                watched = iter(range(1_000_000))
+                runners["watch"] = lambda: sets["batched"].run_watch(
+                    workload.images, workload.images.parent / f"watched-{next(watched)}"
+                )
+            batch_before = {k: s.mean_batch() for k, s in sets.items()}
+        for round_ in range(1, o.rounds + 1):
+            for variant, run in runners.items():
+                rate = run()
+                rounds.add(variant, rate)
+                _progress(name, round_, o.rounds, variant, rate)
+        if queue_variants:
+            mean_batch = {}
+            for key, workers_set in sets.items():
+                total, count = workers_set.mean_batch()
+                before = batch_before[key]
+                if count > before[1]:
+                    mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
+            info["mean_batch"] = mean_batch
+    rates: dict[str, float] = {}
+    for variant in runners:
+        median = rounds.median(variant)
+        assert median is not None  # every runner ran in every round
+        rates[variant] = round(median, 1)
+    if "dataloader" in variants:  # the peer's best, listed right after its two measurements
+        best = max(rates[f"dataloader_w{w}"] for w in PEER_NUM_WORKERS)
+        order = list(rates)
+        after = order.index(f"dataloader_w{PEER_NUM_WORKERS[-1]}") + 1
+        rates = {**dict(list(rates.items())[:after]), "dataloader": best, **dict(list(rates.items())[after:])}
+    ratios = {f"{a}/{b}": round(rates[a] / rates[b], 2) if a in rates and b in rates else None for a, b in RATIOS}
+    if "pipeline" in rates and "stream" in rates:
+        # Extra cost of a one-path message over a chunk's share of one: the per-message overhead.
+        per_image = 1 / rates["stream"] - 1 / rates["pipeline"]
+        info["per_message_overhead_us"] = round(per_image * 1e6 / (1 - 1 / o.chunk_size), 1)
+    return {
+        "images": workload.count,
+        "what": workload.what,
+        "model": workload.model.name,
+        "rates": rates,
+        "ratios": ratios,
+        "rounds": {v: [round(r, 1) for r in values] for v, values in rounds.rates.items()},
+        **info,
+    }
 
-            engine = load_engine(
-                self.settings.with_section(model=replace(self.settings.model, path=o.model, device=o.device))
-            )
-            if name == "engine":
-                data, images = (o.data if o.data is not None else self.images() / "val"), o.images
-            else:  # photo-sized JPEGs, where decoding dominates; fewer, as each costs ~30x a digit
-                data, images = write_photos(self.tmp / "photos", count=min(100, o.images)), max(1, o.images // 5)
-            return run_bench(
-                engine,
-                data,
-                images=images,
-                batch_size=o.batch_size,
-                decode_threads=o.decode_threads,
-                repeat=o.repeat,
-                name=name,
-            )
-        if self.redis_url is None:
-            raise BenchError(f"the {name} suite needs the scratch Redis")
-        if name == "enqueue":
-            from imgpipe.bench.enqueue import run_enqueue_bench
 
-            return run_enqueue_bench(
-                self.redis_url, paths=o.paths, chunk_size=o.chunk_size, scan_files=o.scan_files, repeat=o.repeat
-            )
-        from imgpipe.bench.pipeline import run_pipeline_bench
-        from imgpipe.scan import scan
+def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float]:
+    """`imgpipe classify FOLDER -o out.jsonl` in this process, with its model loaded once (warm)."""
+    from imgpipe.model.cli import expand_paths
+    from imgpipe.model.engine import Engine
+    from imgpipe.records import RecordWriter
 
-        sources = sorted(Path(p) for p in scan(self.images()))
-        return run_pipeline_bench(
-            self.redis_url,
-            sources,
-            self.tmp / "pipeline",
-            images=o.pipeline_images,
-            max_batch=o.batch_size,
-            max_wait_ms=self.settings.batch.max_wait_ms,
-            decode_threads=o.decode_threads,
-            device=o.device,
-            model=o.model,
-            repeat=o.repeat,
+    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads)
+    out = tmp / workload.name / "inprocess.jsonl"
+
+    def run() -> float:
+        start = time.perf_counter()
+        with open(out, "w", encoding="utf-8", newline="") as stream:
+            writer = RecordWriter(stream, "jsonl")
+            count = 0
+            inputs = list(expand_paths((str(workload.images),)))
+            for record in engine.classify(inputs, batch_size=o.batch_size, decode_threads=o.decode_threads):
+                writer.write(record)
+                count += record["status"] == "ok"
+        if count != workload.count:
+            raise BenchError(f"inprocess: {count} of {workload.count} images classified")
+        return count / (time.perf_counter() - start)
+
+    run()  # warm-up: page cache and the TorchScript executor
+    return run
+
+
+def _peer(workload: Workload, tmp: Path, o: _Options, num_workers: int) -> Callable[[], float]:
+    """The DataLoader peer script in a child process with a user's environment (no IMGPIPE_*, no OpenMP
+    policy of ours); the rate over its own timed loop (interpreter start, imports, model load not counted)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != "OMP_WAIT_POLICY"}
+    out = tmp / workload.name / f"peer-w{num_workers}.jsonl"
+    argv = [sys.executable, str(PEER), str(workload.model), str(workload.images)]
+    argv += ["--batch-size", str(o.batch_size), "--num-workers", str(num_workers), "-o", str(out)]
+
+    def run() -> float:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"dataloader peer (num_workers={num_workers}) failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if result["images"] != workload.count:
+            raise BenchError(f"dataloader peer: {result['images']} of {workload.count} images")
+        return float(result["images"]) / float(result["seconds"])
+
+    return run
+
+
+def _run_enqueue(redis_url: str, o: _Options) -> dict[str, Any]:
+    from imgpipe.bench.enqueue import run_enqueue_bench
+
+    click.echo(f"enqueue: {o.paths} paths, {o.rounds} rounds", err=True)
+    result = run_enqueue_bench(redis_url, paths=o.paths, chunk_size=o.chunk_size, scan_files=1000, repeat=o.rounds)
+    click.echo(result.table() + "\n")
+    return result.summary()
+
+
+def _table(name: str, result: dict[str, Any]) -> str:
+    rates = result["rates"]
+    lines = [f"{name}: {result['what']}; medians of interleaved rounds", f"  {'variant':<14} {'images/s':>10}  what"]
+    for variant, rate in rates.items():
+        what = WHAT.get(
+            variant, "num_workers=" + variant.rsplit("w", 1)[-1] if variant.startswith("dataloader_") else ""
         )
+        lines.append(f"  {variant:<14} {rate:10.1f}  {what}")
+    for ratio, value in result["ratios"].items():
+        lines.append(f"  {ratio:<22} {'-' if value is None else f'{value:.2f}'}")
+    if "per_message_overhead_us" in result:
+        lines.append(f"  per-message overhead   {result['per_message_overhead_us']:.0f} us")
+    return "\n".join(lines)
+
+
+@contextmanager
+def busy_core() -> Iterator[None]:
+    """A CPU-bound process pinned to the last core this process may use, for the duration."""
+    core = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    code = f"import os\ntry: os.sched_setaffinity(0, {{{core}}})\nexcept Exception: pass\nwhile True: pass"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

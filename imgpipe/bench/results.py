@@ -67,3 +67,18 @@ def median_rate(fn: Callable[[], int], repeat: int) -> float:
         count = fn()
         rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+@dataclass
+class Rounds:
+    """Rates of each variant over interleaved rounds (A B C, A B C, ...), so that drift in the machine's load
+    touches every variant alike; the median of each counts."""
+
+    rates: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, variant: str, rate: float) -> None:
+        self.rates.setdefault(variant, []).append(rate)
+
+    def median(self, variant: str) -> float | None:
+        values = self.rates.get(variant)
+        return statistics.median(values) if values else None
