@@ -87,6 +87,18 @@ class Preset:
         return 1.0 / (255.0 * std), -mean / std
 
 
+# Single-channel integer modes holding 16-bit samples (16-bit PNG and TIFF; "I" where older Pillow used it).
+# Pillow's convert("L") clips them at 255 instead of scaling: a 16-bit scan would turn almost all white.
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit single-channel image scaled (not clipped) to 8-bit "L": 0..65535 -> 0..255, rounded."""
+    array = np.asarray(image).astype(np.int64)  # (H, W)
+    scaled = (np.clip(array, 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8))  # (H, W) uint8: mode "L"
+
+
 def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", draft_size: int | None = None) -> Image.Image:
     """Decode image bytes with Pillow, bounded: the pixel count is checked from the header before decoding.
 
@@ -109,6 +121,8 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", draft_size: in
                 image.draft(mode if mode in ("L", "RGB") else "RGB", (draft_size, draft_size))
             image.load()
             image = ImageOps.exif_transpose(image) or image
+            if image.mode in HIGH_BIT_MODES:
+                image = to_8bit(image)
             if image.mode != mode:
                 image = image.convert(mode)
             return image

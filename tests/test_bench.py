@@ -1,4 +1,4 @@
-"""`imgpipe bench`: the enqueue and pipeline suites at small sizes on a scratch Redis; skipped without one."""
+"""`imgpipe bench` end to end at a tiny size: every variant, every JSON field; no timing assertions."""
 
 from __future__ import annotations
 
@@ -10,96 +10,122 @@ from typing import Any
 import pytest
 import redis
 
-from imgpipe.bench.cli import SuiteResult, parse_suites
+from imgpipe.bench.cli import RATIOS, parse_names
+from imgpipe.bench.results import Rounds, SuiteResult
 from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import scratch_redis
 from tests.conftest import cli_env, run_cli
+
+QUEUE_VARIANTS = {"naive", "pipeline", "stream", "watch"}
+PEER_VARIANTS = {"dataloader_w0", "dataloader_w2", "dataloader"}
 
 
 def _summary(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout.strip().splitlines()[-1]))
 
 
-def test_enqueue_and_pipeline_suites_report_rates_and_ratios_without_touching_imgpipe_redis_url(
-    demo_data: Path, redis_url: str, client: redis.Redis
+def _check_workload(entry: dict[str, Any], images: int, variants: set[str], rounds: int) -> None:
+    assert entry["images"] == images and entry["what"] and entry["model"].endswith(".pt")
+    assert set(entry["rates"]) == variants
+    assert all(rate > 0 for rate in entry["rates"].values())
+    assert entry["rates"]["dataloader"] == max(entry["rates"]["dataloader_w0"], entry["rates"]["dataloader_w2"])
+    assert set(entry["rounds"]) == variants - {"dataloader"}
+    assert all(len(values) == rounds for values in entry["rounds"].values())
+    assert set(entry["ratios"]) == {f"{a}/{b}" for a, b in RATIOS}
+    for ratio, value in entry["ratios"].items():
+        a, b = ratio.split("/")
+        if a in variants and b in variants:
+            assert value == round(entry["rates"][a] / entry["rates"][b], 2)
+        else:
+            assert value is None
+
+
+def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
+    demo_data: Path, redis_url: str, client: redis.Redis, tmp_path: Path
 ) -> None:
     # IMGPIPE_REDIS_URL stands for a user's Redis: the bench must start its own and leave this one alone.
-    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_MAX_BATCH="3")
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_MAX_BATCH="16")
+    out = tmp_path / "bench.json"
     result = run_cli(
-        "bench",
-        str(demo_data / "val"),
-        "--suite",
-        "pipeline,enqueue",
-        "--paths",
-        "2000",
-        "--scan-files",
-        "2000",
-        "--pipeline-images",
-        "60",
-        "--repeat",
-        "1",
-        env=env,
-        timeout=240,
-    )
+        "bench", str(demo_data / "val"), "--workload", "digits", "--images", "40", "--rounds", "2",
+        "--paths", "2000", "--json", str(out), env=env, timeout=240,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(result.stdout)
-    assert list(summary) == ["enqueue", "pipeline"]  # fixed order, whatever order --suite names them in
+    assert json.loads(out.read_text()) == summary
+    assert list(summary) == ["machine", "settings", "workloads", "enqueue"]
+    machine = summary["machine"]
+    assert machine["cpus"] >= 1 and machine["device"] == "cpu" and machine["contention"] is False
+    assert machine["decode_threads"] >= 1 and machine["torch_threads_cpu"] >= 1 and machine["os_cpu_count"] >= 1
+    assert summary["settings"] == {"rounds": 2, "workers": 1, "batch_size": 16, "chunk_size": 32}
+
+    digits = summary["workloads"]["digits"]
+    _check_workload(digits, 40, {"inprocess", *PEER_VARIANTS, *QUEUE_VARIANTS}, rounds=2)
+    assert all(value is not None and value > 0 for value in digits["ratios"].values())
+    assert digits["mean_batch"]["naive"] == 1.0 and 1.0 <= digits["mean_batch"]["batched"] <= 16
+    assert isinstance(digits["per_message_overhead_us"], float)
 
     enqueue = summary["enqueue"]
     assert (enqueue["unit"], enqueue["paths"], enqueue["chunk_size"], enqueue["messages"]) == ("paths/s", 2000, 32, 63)
     assert set(enqueue["rates"]) == {"baseline_send_task", "imgpipe_enqueuer", "scan"}
-    assert enqueue["ratios"]["baseline_send_task"] == 1.0 and set(enqueue["ratios"]) == {
-        "baseline_send_task",
-        "imgpipe_enqueuer",
-    }
+    assert set(enqueue["ratios"]) == {"baseline_send_task", "imgpipe_enqueuer"}
 
-    pipeline = summary["pipeline"]
-    assert (pipeline["unit"], pipeline["images"]) == ("images/s", 60)
-    assert set(pipeline["rates"]) == {"worker_max_batch1", "worker_max_batch64"}
-    assert pipeline["ratios"]["worker_max_batch1"] == 1.0 and set(pipeline["ratios"]) == set(pipeline["rates"])
-    assert pipeline["mean_batch"]["max_batch1"] == 1.0  # the baseline never batches
-    for suite in summary.values():
-        assert all(rate > 0 for rate in suite["rates"].values())
-        assert all(ratio > 0 for ratio in suite["ratios"].values())
-    for header in ("enqueue: 2000 synthetic paths", "pipeline: 60 images, one per message", "worker_max_batch64"):
-        assert header in result.stdout
-
+    for variant in ("inprocess", "dataloader_w2", "naive", "pipeline", "stream", "watch"):  # progress lines
+        assert f"digits round 2/2: {variant}" in result.stderr
+    assert "inprocess/dataloader" in result.stdout  # the table
     assert client.dbsize() == 0
 
 
-def test_redis_suites_are_skipped_with_one_line_when_redis_server_is_missing(tmp_path: Path) -> None:
-    env = cli_env(PATH=str(tmp_path))  # an empty folder: no redis-server on PATH
-    result = run_cli("bench", "--suite", "enqueue,pipeline", env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert [line for line in lines if line.strip()][:2] == [
-        "enqueue: skipped: redis-server not found on PATH (Debian/Ubuntu: apt-get install redis-server)",
-        "pipeline: skipped: redis-server not found on PATH (Debian/Ubuntu: apt-get install redis-server)",
-    ]
+def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
+    result = run_cli(
+        "bench", "--workload", "photos", "--variants", "inprocess,dataloader", "--photos", "6", "--rounds", "1",
+        "--contention", timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(result.stdout)
-    assert set(summary) == {"enqueue", "pipeline"}
-    assert all("redis-server not found" in suite["skipped"] for suite in summary.values())
+    assert list(summary) == ["machine", "settings", "workloads"] and summary["machine"]["contention"] is True
+    photos = summary["workloads"]["photos"]
+    _check_workload(photos, 6, {"inprocess", *PEER_VARIANTS}, rounds=1)
+    assert "640x480" in photos["what"] and "mobilenet_v3_small" in photos["what"]
+    assert photos["ratios"]["pipeline/inprocess"] is None and photos["ratios"]["inprocess/dataloader"] > 0
+    assert "mean_batch" not in photos and "per_message_overhead_us" not in photos
+
+
+def test_queue_variants_are_skipped_with_one_line_when_redis_server_is_missing(tmp_path: Path) -> None:
+    env = cli_env(PATH=str(tmp_path))  # an empty folder: no redis-server on PATH
+    result = run_cli("bench", "--variants", "enqueue,pipeline", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[0] == (
+        "pipeline, enqueue: skipped: redis-server not found on PATH (Debian/Ubuntu: apt-get install redis-server)"
+    )
+    summary = _summary(result.stdout)
+    assert set(summary["skipped"]) == {"pipeline", "enqueue"} and summary["workloads"] == {}
     assert "Traceback" not in result.stderr
 
 
-def test_an_unknown_suite_is_a_usage_error() -> None:
-    result = run_cli("bench", "--suite", "engine,gpu", timeout=60)
+def test_an_unknown_variant_or_workload_is_a_usage_error() -> None:
+    result = run_cli("bench", "--variants", "inprocess,gpu", timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "imgpipe: error: --suite 'engine,gpu': unknown suite gpu; valid: engine, photos, enqueue, pipeline"
+        "imgpipe: error: --variants 'inprocess,gpu': unknown gpu; valid: inprocess, dataloader, naive, pipeline, "
+        "stream, watch, enqueue"
     )
+    assert run_cli("bench", "--workload", "faces", timeout=60).returncode == 2
     with pytest.raises(ConfigError):
-        parse_suites(",")
-    assert parse_suites(" pipeline, engine ") == ["engine", "pipeline"]
+        parse_names(",", ("a",), "--x")
+    assert parse_names(" stream, inprocess ", ("inprocess", "stream"), "--x") == ["inprocess", "stream"]
 
 
-def test_ratios_are_against_each_variants_own_baseline() -> None:
+def test_rounds_take_the_median_and_ratios_are_against_each_baseline() -> None:
+    rounds = Rounds()
+    for rate in (10.0, 30.0, 20.0):
+        rounds.add("a", rate)
+    assert rounds.median("a") == 20.0 and rounds.median("b") is None
     result = SuiteResult("s", "items/s", "header")
     result.add("base", 100.0, "base")
     result.add("fast", 250.0, "base")
     result.add("alone", 7.0, None)
     assert result.ratios() == {"base": 1.0, "fast": 2.5}
-    assert result.summary()["rates"] == {"base": 100.0, "fast": 250.0, "alone": 7.0}
     assert "2.50x" in result.table() and result.table().splitlines()[-1].split()[2] == "-"
 
 

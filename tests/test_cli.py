@@ -127,18 +127,6 @@ def test_evaluate_prints_per_class_metrics_and_writes_png(default_model: Path, d
     assert (tmp_path / "eval.confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_reports_ratios_against_a_baseline(demo_data: Path) -> None:
-    result = run_cli("bench", str(demo_data / "val"), "--suite", "engine,photos", "--images", "200", "--repeat", "1")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert list(summary) == ["engine", "photos"]
-    for name, images in (("engine", 200), ("photos", 40)):
-        suite = summary[name]
-        assert suite["unit"] == "images/s" and suite["images"] == images
-        assert suite["ratios"]["baseline_batch1"] == 1.0
-        assert len(suite["ratios"]) == 3 and all(v > 0 for v in suite["rates"].values())
-
-
 @pytest.mark.parametrize(
     "args",
     [

@@ -158,3 +158,53 @@ def test_records_round_trip_through_both_formats(tmp_path: Path, suffix: str) ->
     assert back == records
     with pytest.raises(ConfigError, match=r"\.jsonl or \.csv"):
         format_for(tmp_path / "r.txt")
+
+
+def _as_16bit_png(source: Path, target: Path) -> None:
+    """The same picture as a 16-bit grayscale PNG: each 8-bit value v stored as v * 257 (0..255 -> 0..65535)."""
+    import numpy as np
+
+    eight = np.asarray(Image.open(source).convert("L"), dtype=np.uint16)
+    sixteen = Image.fromarray(eight * 257)
+    assert sixteen.mode == "I;16"
+    sixteen.save(target)
+
+
+def test_16bit_images_are_scaled_not_clipped() -> None:
+    import numpy as np
+
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0..65535 in 256 steps
+    image = decode_image(png_bytes(Image.fromarray(ramp)), max_pixels=1000, mode="L")
+    assert image.mode == "L"
+    assert np.array_equal(np.asarray(image).ravel(), np.arange(256))  # clipping would give 0, then 255 everywhere
+    rgb = decode_image(png_bytes(Image.fromarray(ramp)), max_pixels=1000, mode="RGB")
+    assert rgb.mode == "RGB" and np.asarray(rgb)[0, 5].tolist() == [5, 5, 5]
+
+
+def test_demo_digits_saved_as_16bit_png_keep_the_accuracy_of_the_8bit_ones(
+    demo_data: Path, default_model: Path, tmp_path: Path
+) -> None:
+    from imgpipe.model.engine import Engine
+    from imgpipe.scan import scan
+
+    val = demo_data / "val"
+    originals = sorted(scan(val))
+    copies = []
+    for path in originals:
+        target = tmp_path / Path(path).relative_to(val)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _as_16bit_png(Path(path), target)
+        copies.append(str(target))
+    engine = Engine.load(default_model, "cpu")
+
+    def accuracy(paths: list[str], root: Path) -> tuple[float, list[str]]:
+        records = list(engine.classify(paths, batch_size=64, decode_threads=2))
+        labels = [str(r.get("label")) for r in records]
+        truth = [Path(p).relative_to(root).parts[0] for p in paths]
+        assert all(r["status"] == "ok" for r in records)
+        return sum(a == b for a, b in zip(labels, truth, strict=True)) / len(paths), labels
+
+    eight_bit, eight_labels = accuracy(originals, val)
+    sixteen_bit, sixteen_labels = accuracy(copies, tmp_path)
+    assert eight_bit > 0.9
+    assert sixteen_bit == eight_bit and sixteen_labels == eight_labels  # same pixels after scaling: same labels

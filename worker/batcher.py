@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from imgpipe.batching import BatchSizer, Plan
 from imgpipe.errors import ImageError
 from imgpipe.model.engine import Engine
 from imgpipe.records import Record
@@ -33,6 +34,7 @@ class _Item:
     source: str  # message id, for the batch log line
     future: Future[Record] = field(default_factory=Future)
     tensor: torch.Tensor | None = None  # (C, H, W), once decoded
+    received: float = field(default_factory=time.monotonic)  # throughput hook: latency for imgpipe/batching.py
 
 
 class Batcher:
@@ -42,6 +44,12 @@ class Batcher:
         self.engine = engine
         self.max_batch = settings.max_batch
         self.max_wait = settings.max_wait_ms / 1000.0
+        # throughput hook: IMGPIPE_MAX_LATENCY_MS sizes each batch (imgpipe/batching.py); None: fixed sizes.
+        self.sizer = (
+            BatchSizer(settings.max_batch, self.max_wait, settings.max_latency_ms / 1000.0)
+            if settings.max_latency_ms
+            else None
+        )
         self._todo: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         # Decoded images waiting for the batch thread: two batches' worth bounds memory and keeps one ahead.
         self._ready: queue.Queue[_Item | None] = queue.Queue(maxsize=2 * settings.max_batch)
@@ -113,8 +121,9 @@ class Batcher:
             if first is None:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
+            plan = self.sizer.plan() if self.sizer else Plan(self.max_batch, self.max_wait)  # throughput hook
+            deadline = time.monotonic() + plan.wait_s
+            while len(batch) < plan.size:
                 remaining = deadline - time.monotonic()
                 try:
                     item = self._ready.get(timeout=remaining) if remaining > 0 else self._ready.get_nowait()
@@ -137,7 +146,13 @@ class Batcher:
             for item in batch:
                 item.future.set_exception(exc)
             return
-        metrics.STAGE_SECONDS.labels(stage="infer").observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        metrics.STAGE_SECONDS.labels(stage="infer").observe(elapsed)
+        if self.sizer is not None:  # throughput hook: feed the adaptive sizer
+            self.sizer.observe_batch(len(batch), elapsed)
+            now = time.monotonic()
+            for item in batch:
+                self.sizer.observe_latency(now - item.received)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.observe_device(self.engine.device)
         log.debug("batch of %d images from %d messages", len(batch), len({item.source for item in batch}))

@@ -1,0 +1,115 @@
+"""Thread counts from the cores (affinity, cgroup v1/v2 quota), the OpenMP policy, and adaptive batch sizing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgpipe import threads
+from imgpipe.batching import BatchSizer, Plan
+from imgpipe.settings import BatchSettings, Settings
+
+
+def _cgroup_v2(root: Path, files: dict[str, str]) -> Path:
+    """A cgroup v2 tree laid out in a temp folder (the real /sys/fs/cgroup cannot be written in a test)."""
+    (root / "cgroup.controllers").parent.mkdir(parents=True, exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_cgroup_v2_quota_is_the_tightest_from_our_cgroup_to_the_root(tmp_path: Path) -> None:
+    root = _cgroup_v2(
+        tmp_path, {"cpu.max": "max 100000\n", "kube/cpu.max": "300000 100000\n", "kube/pod/cpu.max": "150000 100000\n"}
+    )
+    assert threads.cgroup_cpu_limit(root, "0::/kube/pod\n") == 1.5
+    assert threads.cgroup_cpu_limit(root, "0::/\n") is None  # "max": no quota
+    assert threads.available_cpus(root, "0::/kube/pod\n") == min(len(os.sched_getaffinity(0)), 1)  # floor(1.5)
+
+
+def test_cgroup_v1_quota_and_no_quota(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.cgroup_cpu_limit(v1, "") == 2.5
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert threads.cgroup_cpu_limit(v1, "") is None
+    assert threads.cgroup_cpu_limit(tmp_path / "nothing", "") is None
+    assert threads.available_cpus(tmp_path / "nothing", "") == len(os.sched_getaffinity(0))
+
+
+def test_this_host_has_at_least_one_core_and_real_cgroup_files_parse() -> None:
+    assert threads.available_cpus() >= 1
+    limit = threads.cgroup_cpu_limit()
+    assert limit is None or limit > 0
+
+
+def test_thread_counts_leave_room_for_decoding_and_honour_settings() -> None:
+    assert threads.torch_threads("cpu", cpus=1) == 1
+    assert threads.torch_threads("cpu", cpus=2) == 1  # the other core decodes the next batch
+    assert threads.torch_threads("cpu", cpus=16) == 8
+    assert threads.torch_threads("cuda", cpus=16) == 1  # host threads only launch kernels
+    assert threads.decode_threads(cpus=2) == 2 and threads.decode_threads(cpus=1000) == 16
+    assert BatchSettings().decode_threads == threads.decode_threads()  # 0 (the default) means "from the cores"
+    env = {"IMGPIPE_DECODE_THREADS": "3", "IMGPIPE_TORCH_THREADS": "5", "IMGPIPE_MAX_LATENCY_MS": "200"}
+    batch = Settings.from_env(env, sections=("batch",)).batch
+    assert (batch.decode_threads, batch.torch_threads, batch.max_latency_ms) == (3, 5, 200)
+
+
+def test_openmp_wait_policy_is_passive_unless_the_user_chose_one() -> None:
+    env: dict[str, str] = {}
+    threads.configure_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.configure_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_the_entry_point_sets_the_policy_before_torch_is_imported() -> None:
+    code = (
+        "import os, sys\n"
+        "from imgpipe.cli import main\n"
+        "sys.argv = ['imgpipe', '--version']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "PASSIVE False"
+
+
+def test_batch_sizer_fits_the_latency_target_to_the_measured_inference_time() -> None:
+    sizer = BatchSizer(max_batch=64, max_wait_s=0.05, target_s=0.2)
+    assert sizer.plan() == Plan(64, 0.05)  # nothing measured yet
+    for _ in range(20):
+        sizer.observe_batch(64, 64 * 0.004)  # 4 ms per image
+    plan = sizer.plan()
+    assert plan.size == 25  # 0.2 s / (2 x 4 ms)
+    assert plan.wait_s == pytest.approx(0.0, abs=1e-9)
+    for _ in range(20):
+        sizer.observe_batch(8, 8 * 0.0001)  # a fast model: the configured limits bind
+    assert sizer.plan().size == 64 and sizer.plan().wait_s == 0.05
+
+
+def test_batch_sizer_shrinks_on_an_overshoot_and_grows_back_slowly() -> None:
+    sizer = BatchSizer(max_batch=256, max_wait_s=0.05, target_s=0.1)
+    sizer.observe_batch(10, 0.01)  # 1 ms per image: 50 fit by the model
+    assert sizer.plan().size == 50
+    for _ in range(256):
+        sizer.observe_latency(0.3)  # measured p95 three times the target
+    shrunk = sizer.plan().size
+    assert shrunk < 50
+    assert sizer.p95() == 0.3
+    for _ in range(16 * 256):
+        sizer.observe_latency(0.01)
+    assert shrunk < sizer.plan().size <= 256
+    with pytest.raises(ValueError):
+        BatchSizer(max_batch=0, max_wait_s=0, target_s=1)
