@@ -47,7 +47,7 @@ class Watcher(FileSystemEventHandler):
         settle_s: float = defaults.WATCH_SETTLE_MS / 1000,
         extensions: tuple[str, ...] = defaults.IMAGE_EXTENSIONS,
         *,
-        on_batch: Callable[[list[str]], None] | None = None,
+        on_batch: Callable[[list[str]], object] | None = None,
         coalesce_s: float = defaults.WATCH_COALESCE_MS / 1000,
     ) -> None:
         super().__init__()

@@ -208,3 +208,36 @@ def test_demo_digits_saved_as_16bit_png_keep_the_accuracy_of_the_8bit_ones(
     sixteen_bit, sixteen_labels = accuracy(copies, tmp_path)
     assert eight_bit > 0.9
     assert sixteen_bit == eight_bit and sixteen_labels == eight_labels  # same pixels after scaling: same labels
+
+
+def test_jpegs_decode_through_simplejpeg_like_pillow_and_fall_back_for_rotation_and_damage() -> None:
+    import numpy as np
+
+    from imgpipe.model import preprocess
+
+    assert preprocess.JPEG_DECODER == "simplejpeg"  # a dependency: installed from its wheel
+    rng = np.random.default_rng(0)
+    small = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((640, 480))
+    data = png_bytes(small, "JPEG")
+    fast = decode_image(data, max_pixels=10**6, mode="RGB", draft_size=100)  # DCT scaling: 1/4 still >= 100
+    assert fast.size == (160, 120)
+    preprocess.JPEG_DECODER = "pillow"
+    try:
+        slow = decode_image(data, max_pixels=10**6, mode="RGB", draft_size=100)
+    finally:
+        preprocess.JPEG_DECODER = "simplejpeg"
+    assert slow.size == fast.size
+    assert np.abs(np.asarray(fast, dtype=float) - np.asarray(slow, dtype=float)).mean() < 2.0
+    gray = decode_image(data, max_pixels=10**6, mode="L", draft_size=100)
+    assert gray.mode == "L" and gray.size == (160, 120)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: Pillow decodes and turns it upright
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), max_pixels=10**6, mode="RGB").size == (480, 640)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        decode_image(data[: len(data) // 2], max_pixels=10**6, mode="RGB")  # truncated: Pillow's error
+    with pytest.raises(ImageError) as refused:
+        decode_image(data, max_pixels=1000, mode="RGB")  # bounds checked from the header first
+    assert refused.value.reason == "too_many_pixels"

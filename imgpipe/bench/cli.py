@@ -237,7 +237,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
             assert redis_url is not None
             from imgpipe.bench.pipeline import Workers
 
-            common = {"count": o.workers, "model": workload.model, "roots": workload.images.parent}
+            common: dict[str, Any] = {"count": o.workers, "model": workload.model, "roots": workload.images.parent}
             env = {f"{ENV_PREFIX}DEVICE": o.device, f"{ENV_PREFIX}DECODE_THREADS": str(o.decode_threads)}
             if o.torch_threads:
                 env[f"{ENV_PREFIX}TORCH_THREADS"] = str(o.torch_threads)

@@ -46,7 +46,7 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = Image.open(self.paths[index])
+        image: Image.Image = Image.open(self.paths[index])
         image.draft(self.mode, (self.short, self.short))  # JPEG DCT scaling; no-op for other formats
         image = image.convert(self.mode)
         w, h = image.size
