@@ -60,7 +60,12 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     assert summary["settings"] == {"rounds": 2, "workers": 1, "batch_size": 16, "chunk_size": 32}
 
     digits = summary["workloads"]["digits"]
-    _check_workload(digits, 40, {"inprocess", *PEER_VARIANTS, *QUEUE_VARIANTS}, rounds=2)
+    _check_workload(digits, 40, {"inprocess", *PEER_VARIANTS, *QUEUE_VARIANTS, "compute", "decode"}, rounds=2)
+    bound = digits["bound"]
+    assert bound in ("compute", "decode") and digits["rates"][bound] == min(
+        digits["rates"]["compute"], digits["rates"]["decode"]
+    )
+    assert digits["inprocess_of_ceiling"] == round(digits["rates"]["inprocess"] / digits["rates"][bound], 2)
     assert all(value is not None and value > 0 for value in digits["ratios"].values())
     assert digits["mean_batch"]["naive"] == 1.0 and 1.0 <= digits["mean_batch"]["batched"] <= 16
     assert isinstance(digits["per_message_overhead_us"], float)
@@ -88,7 +93,7 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
     _check_workload(photos, 6, {"inprocess", *PEER_VARIANTS}, rounds=1)
     assert "640x480" in photos["what"] and "mobilenet_v3_small" in photos["what"]
     assert photos["ratios"]["pipeline/inprocess"] is None and photos["ratios"]["inprocess/dataloader"] > 0
-    assert "mean_batch" not in photos and "per_message_overhead_us" not in photos
+    assert not {"mean_batch", "per_message_overhead_us", "bound", "inprocess_of_ceiling"} & set(photos)
 
 
 def test_queue_variants_are_skipped_with_one_line_when_redis_server_is_missing(tmp_path: Path) -> None:
@@ -108,7 +113,7 @@ def test_an_unknown_variant_or_workload_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "imgpipe: error: --variants 'inprocess,gpu': unknown gpu; valid: inprocess, dataloader, naive, pipeline, "
-        "stream, watch, enqueue"
+        "stream, watch, compute, decode, enqueue"
     )
     assert run_cli("bench", "--workload", "faces", timeout=60).returncode == 2
     with pytest.raises(ConfigError):

@@ -27,7 +27,7 @@ from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import ScratchRedisError, scratch_redis
 from imgpipe.settings import ENV_PREFIX, Settings
 
-VARIANTS = ("inprocess", "dataloader", "naive", "pipeline", "stream", "watch", "enqueue")
+VARIANTS = ("inprocess", "dataloader", "naive", "pipeline", "stream", "watch", "compute", "decode", "enqueue")
 # Variants that need the scratch redis-server (skipped without one).
 REDIS_VARIANTS = ("naive", "pipeline", "stream", "watch", "enqueue")
 # The ratios the JSON reports: numerator variant / denominator variant, per workload.
@@ -41,6 +41,8 @@ WHAT = {
     "pipeline": "`imgpipe enqueue --wait` path: chunks of --chunk-size paths into warm workers",
     "stream": "the same images one path per message, as a third-party producer sends them",
     "watch": "files moved into a folder `imgpipe watch` streams, first landing to last record",
+    "compute": "ceiling: the model alone on pre-decoded batches (Engine.predict; AMP, channels_last, pinned on CUDA)",
+    "decode": "ceiling: read + decode + preprocess alone, on the engine's decode threads",
 }
 
 
@@ -126,6 +128,8 @@ def bench(
     pipeline    `imgpipe enqueue --wait` into a scratch Redis with --workers warm `imgpipe worker`s
     stream      the same images as one-path messages, as a third-party producer sends them
     watch       files landing in a folder that `imgpipe watch` streams, timed to their records
+    compute     ceiling: the model alone on pre-decoded tensors (what inference allows)
+    decode      ceiling: reading, decoding and preprocessing alone (what the decode threads allow)
     enqueue     paths/s of the producer for --paths synthetic paths (against a plain send_task loop)
 
     Rounds are interleaved (A B C, A B C, ...) so that drift in the machine's load touches every variant
@@ -229,6 +233,12 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
     with ExitStack() as stack:
         if "inprocess" in variants:
             runners["inprocess"] = _inprocess(workload, tmp, o)
+        if "compute" in variants or "decode" in variants:
+            compute, decode = _ceilings(workload, o)
+            if "compute" in variants:
+                runners["compute"] = compute
+            if "decode" in variants:
+                runners["decode"] = decode
         if "dataloader" in variants:
             for workers in PEER_NUM_WORKERS:
                 runners[f"dataloader_w{workers}"] = _peer(workload, tmp, o, workers)
@@ -291,6 +301,10 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
         after = order.index(f"dataloader_w{PEER_NUM_WORKERS[-1]}") + 1
         rates = {**dict(list(rates.items())[:after]), "dataloader": best, **dict(list(rates.items())[after:])}
     ratios = {f"{a}/{b}": round(rates[a] / rates[b], 2) if a in rates and b in rates else None for a, b in RATIOS}
+    if "compute" in rates and "decode" in rates and "inprocess" in rates:
+        bound = "compute" if rates["compute"] < rates["decode"] else "decode"
+        info["bound"] = bound  # the ceiling that limits the pipeline, and how close inprocess gets to it
+        info["inprocess_of_ceiling"] = round(rates["inprocess"] / rates[bound], 2)
     if "pipeline" in rates and "stream" in rates:
         # Extra cost of a one-path message over a chunk's share of one: the per-message overhead.
         per_image = 1 / rates["stream"] - 1 / rates["pipeline"]
@@ -332,6 +346,42 @@ def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float
     return run
 
 
+def _ceilings(workload: Workload, o: _Options) -> tuple[Callable[[], float], Callable[[], float]]:
+    """Runners for the two ceilings of the in-process engine: inference alone on batches decoded beforehand
+    (the inputs cycle over the first batch_size images), and decoding alone on the engine's decode threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from imgpipe.model.engine import Engine
+    from imgpipe.model.preprocess import stack
+
+    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads)
+    paths = sorted(str(p) for p in workload.images.iterdir())
+    batch = stack([engine.load_image(p) for p in paths[: o.batch_size]])  # (B, C, H, W), decoded once
+    batches = -(-workload.count // o.batch_size)
+
+    def compute() -> float:
+        start = time.perf_counter()
+        for _ in range(batches):
+            engine.predict(batch)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        return batches * batch.shape[0] / (time.perf_counter() - start)
+
+    def decode() -> float:
+        threads_ = o.decode_threads
+        step = -(-len(paths) // threads_)
+        slices = [paths[i : i + step] for i in range(0, len(paths), step)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads_) as pool:
+            decoded = sum(len(part) for part in pool.map(lambda s: [engine.safe_load_image(p) for p in s], slices))
+        return decoded / (time.perf_counter() - start)
+
+    compute()  # warm-up
+    return compute, decode
+
+
 def _peer(workload: Workload, tmp: Path, o: _Options, num_workers: int) -> Callable[[], float]:
     """The DataLoader peer script in a child process with a user's environment (no IMGPIPE_*, no OpenMP
     policy of ours); the rate over its own timed loop (interpreter start, imports, model load not counted)."""
@@ -371,6 +421,8 @@ def _table(name: str, result: dict[str, Any]) -> str:
         lines.append(f"  {variant:<14} {rate:10.1f}  {what}")
     for ratio, value in result["ratios"].items():
         lines.append(f"  {ratio:<22} {'-' if value is None else f'{value:.2f}'}")
+    if "bound" in result:
+        lines.append(f"  bound by {result['bound']:<12} inprocess at {result['inprocess_of_ceiling']:.2f} of it")
     if "per_message_overhead_us" in result:
         lines.append(f"  per-message overhead   {result['per_message_overhead_us']:.0f} us")
     return "\n".join(lines)
