@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -323,8 +323,11 @@ def honours(*sections: str, exclude: Iterable[str] = ()) -> Callable[[C], C]:
 
 
 def default_of(var: Var) -> Any:
-    """The value ``var`` has when its variable is not set."""
-    return getattr(getattr(Settings(), var.section), var.attr)
+    """The value ``var`` has when its variable is not set, as declared (DECODE_THREADS: 0, "from the cores",
+    not this machine's count, so that help and the README say the same on every host)."""
+    section = type(getattr(Settings(), var.section))
+    declared = next(f for f in fields(section) if f.name == var.attr)
+    return declared.default if declared.default is not MISSING else getattr(section(), var.attr)
 
 
 def _default_note(var: Var) -> str:
