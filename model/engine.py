@@ -61,7 +61,7 @@ class Engine:
             self.module = self.module.to(device).to(memory_format=torch.channels_last)
         elif optimize:
             # conv + batch-norm folded and fused ops: about 1.6x on the CPU (profiled: inference is most of the
-            # time of the demo model). Outputs match the file's module to float tolerance (tests/test_model.py).
+            # time of the demo model). Outputs match the file's module to float tolerance (tests/test_preprocess.py).
             self.module = jit.optimize_for_inference(self.module)
         # JPEG DCT scaling: decode at >= this size instead of full resolution.
         self._draft = max(1, round(self.preset.input_size / self.preset.crop_ratio))

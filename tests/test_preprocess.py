@@ -241,3 +241,19 @@ def test_jpegs_decode_through_simplejpeg_like_pillow_and_fall_back_for_rotation_
     with pytest.raises(ImageError) as refused:
         decode_image(data, max_pixels=1000, mode="RGB")  # bounds checked from the header first
     assert refused.value.reason == "too_many_pixels"
+
+
+def test_the_optimized_cpu_engine_matches_the_model_file_module(default_model: Path) -> None:
+    from imgpipe.model import export
+    from imgpipe.model.engine import Engine
+
+    engine = Engine.load(default_model, "cpu")
+    plain, _ = export.load(default_model, "cpu")
+    batch = torch.randn(8, engine.preset.channels, engine.preset.input_size, engine.preset.input_size)
+    with torch.inference_mode():
+        expected = torch.softmax(plain(batch), dim=1).topk(engine.topk, dim=1)
+    got = engine.predict(batch)
+    assert [[engine.labels[i] for i in row] for row in expected.indices.tolist()] == [
+        [lab for lab, _ in r] for r in got
+    ]
+    assert torch.allclose(torch.tensor([[p for _, p in r] for r in got]), expected.values, atol=1e-4)
