@@ -389,6 +389,9 @@ def _peer(workload: Workload, tmp: Path, o: _Options, num_workers: int) -> Calla
     out = tmp / workload.name / f"peer-w{num_workers}.jsonl"
     argv = [sys.executable, str(PEER), str(workload.model), str(workload.images)]
     argv += ["--batch-size", str(o.batch_size), "--num-workers", str(num_workers), "-o", str(out)]
+    from imgpipe.model.engine import select_device
+
+    argv += ["--device", str(select_device(o.device))]  # "auto" resolved as the engine resolves it
 
     def run() -> float:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)

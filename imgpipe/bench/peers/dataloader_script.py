@@ -7,7 +7,7 @@ model file: same decode mode, resize, crop and normalisation; Pillow with JPEG d
 decoder does), default torch threads and environment, the same batch size, and only the classification loop
 timed (interpreter start, imports and model load are not counted, as for imgpipe's `inprocess` variant).
 
-Run on its own:  python dataloader_script.py MODEL IMAGE_DIR --num-workers 2 -o out.jsonl
+Run on its own:  python dataloader_script.py MODEL IMAGE_DIR --num-workers 2 [--device cuda] -o out.jsonl
 It prints one JSON line: {"images": N, "seconds": S, "num_workers": W, "torch_threads": T}.
 """
 
@@ -62,21 +62,27 @@ class Images(torch.utils.data.Dataset):
         return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (C, H, W)
 
 
-def classify(model_path: str, paths: list[str], out_path: str, batch_size: int, num_workers: int) -> float:
+def classify(
+    model_path: str, paths: list[str], out_path: str, batch_size: int, num_workers: int, device: str = "cpu"
+) -> float:
     """Classify ``paths``, write one JSON line per image; returns the seconds the loop took."""
     metadata = read_metadata(model_path)
     labels = metadata["labels"]
-    model = torch.jit.load(model_path).eval()
+    model = torch.jit.load(model_path, map_location=device).eval()
     loader = torch.utils.data.DataLoader(
-        Images(paths, metadata["preset"]), batch_size=batch_size, num_workers=num_workers
+        Images(paths, metadata["preset"]),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),  # what the tutorials recommend for a GPU
     )
     with torch.no_grad():
-        model(next(iter(torch.utils.data.DataLoader(Images(paths[:2], metadata["preset"]), batch_size=2))))
+        warm = next(iter(torch.utils.data.DataLoader(Images(paths[:2], metadata["preset"]), batch_size=2)))
+        model(warm.to(device))
         start = time.perf_counter()
         done = 0
         with open(out_path, "w") as out:
             for batch in loader:  # (B, C, H, W)
-                probs = torch.softmax(model(batch), dim=1)
+                probs = torch.softmax(model(batch.to(device, non_blocking=True)), dim=1)
                 top_p, top_i = probs.topk(min(3, len(labels)), dim=1)
                 for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True):
                     record = {"path": paths[done], "label": labels[i[0]], "score": p[0]}
@@ -94,6 +100,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("-o", "--output", default=os.devnull)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
     paths = sorted(
         os.path.join(folder, name)
@@ -101,7 +108,7 @@ def main() -> None:
         for name in names
         if name.lower().endswith(EXTENSIONS)
     )
-    seconds = classify(args.model, paths, args.output, args.batch_size, args.num_workers)
+    seconds = classify(args.model, paths, args.output, args.batch_size, args.num_workers, args.device)
     info = {"images": len(paths), "seconds": seconds, "num_workers": args.num_workers}
     print(json.dumps({**info, "torch_threads": torch.get_num_threads()}))
 
