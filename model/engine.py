@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ from imgpipe.safety import confine, read_bounded
 from imgpipe.settings import SecuritySettings
 
 TopK = list[tuple[str, float]]
+log = logging.getLogger(__name__)
 
 
 def select_device(spec: str) -> torch.device:
@@ -62,7 +64,7 @@ class Engine:
         elif optimize:
             # conv + batch-norm folded and fused ops: about 1.6x on the CPU (profiled: inference is most of the
             # time of the demo model). Outputs match the file's module to float tolerance (tests/test_preprocess.py).
-            self.module = jit.optimize_for_inference(self.module)
+            self.module = self._optimized(self.module)
         # JPEG DCT scaling: decode at >= this size instead of full resolution.
         self._draft = max(1, round(self.preset.input_size / self.preset.crop_ratio))
         self._warm_up()
@@ -87,6 +89,20 @@ class Engine:
     @property
     def model_id(self) -> str:
         return self.metadata.model_id
+
+    def _optimized(self, module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+        """``module`` frozen and fused, checked on one dummy batch; the module as loaded where freezing or
+        fusing fails (some traced or imported graphs), so an unusual model still serves, only slower."""
+        size = self.preset.input_size
+        try:
+            candidate = jit.optimize_for_inference(module)
+            with torch.inference_mode():
+                candidate(torch.zeros(2, self.preset.channels, size, size))
+        except Exception as exc:  # any failure of the optimisation passes: serve the module as loaded
+            reason = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+            log.warning("model served unoptimized (optimize_for_inference failed: %s)", reason)
+            return module
+        return candidate
 
     def _warm_up(self) -> None:
         size = self.preset.input_size
