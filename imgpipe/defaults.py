@@ -72,3 +72,17 @@ OMP_WAIT_POLICY = "PASSIVE"
 MAX_LATENCY_MS = 0
 # `imgpipe watch`: ms to wait after a file event for more files, so that a burst goes out in chunked messages.
 WATCH_COALESCE_MS = 5
+# Most paths one message may carry; a bigger message is refused before any Redis write.
+MAX_MESSAGE_PATHS = 4096
+# Most characters of paths one message may carry (all its paths together).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Seconds a worker's lease on a message lives without renewal (its heartbeat renews it every 2 s).
+LEASE_TTL_S = 15
+# Seconds between passes of the reconciler (expired leases and lost messages are sent again).
+RECONCILE_S = 2.0
+# Seconds a message may stay unleased behind the queue's oldest message before it is taken for lost.
+LOST_GRACE_S = 10.0
+# Images in decode and inference at once per worker process, per image of its batch (the rest wait, leased).
+WORK_IMAGES_PER_BATCH_IMAGE = 2
+# Seconds a consumer that stopped on an error waits before the worker starts it again.
+CONSUMER_RESTART_S = 2.0

@@ -1,4 +1,8 @@
-"""The result record (one per input path) and its JSONL/CSV writers."""
+"""The result record (one per input path) and its JSONL/CSV writers.
+
+A record's ``path`` is the path's escaped text form (imgpipe/paths.py): valid UTF-8 whatever the name's bytes,
+so JSONL and CSV can always be written, and lossless.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imgpipe.errors import ConfigError
+from imgpipe.paths import path_text
 
 Record = dict[str, Any]
 
@@ -16,11 +21,11 @@ FORMATS = ("jsonl", "csv")
 CSV_FIELDS = ("path", "status", "label", "score", "topk", "error", "reason", "model")
 
 
-def ok_record(path: str, topk: Sequence[tuple[str, float]], model: str) -> Record:
+def ok_record(path: str | bytes, topk: Sequence[tuple[str, float]], model: str) -> Record:
     """A classified image: best label, its probability, and the top-k list."""
     label, score = topk[0]
     return {
-        "path": path,
+        "path": path_text(path),
         "status": "ok",
         "label": label,
         "score": round(float(score), 6),
@@ -29,9 +34,9 @@ def ok_record(path: str, topk: Sequence[tuple[str, float]], model: str) -> Recor
     }
 
 
-def error_record(path: str, error: str, model: str, reason: str | None = None) -> Record:
+def error_record(path: str | bytes, error: str, model: str, reason: str | None = None) -> Record:
     """An input that could not be classified, with the reason in words (and a bounded reason code)."""
-    record: Record = {"path": path, "status": "error", "error": error, "model": model}
+    record: Record = {"path": path_text(path), "status": "error", "error": error, "model": model}
     if reason is not None:
         record["reason"] = reason
     return record

@@ -2,12 +2,213 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from imgpipe.errors import ImageError
+
+# Symlinks one path may go through inside a root (as the kernel's MAXSYMLINKS).
+MAX_LINKS = 40
+_O_PATH = getattr(os, "O_PATH", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def read_confined(path: str | bytes, roots: Sequence[Path], max_bytes: int, *, allow_hardlinks: bool = False) -> bytes:
+    """Read a regular file under one of ``roots``, walking to it by directory handles: race-free.
+
+    From a handle on the root, each component is opened with O_NOFOLLOW (O_DIRECTORY for folders) relative
+    to its parent; a symlink is followed by this walk only while its target stays beneath the same root.
+    The opened descriptor must be a regular file with one link (unless ``allow_hardlinks``) and is what is
+    read. With no roots (the embedded ``classify``), the path is opened as given. See docs/reliability.md.
+    """
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ImageError("not_allowed", "path holds a NUL byte")
+    if not roots:
+        flags = os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC
+        try:
+            fd = os.open(raw, flags)
+        except OSError as exc:
+            raise _open_error(exc) from None
+        return _read_fd(fd, max_bytes, check_links=False)
+    if not raw.startswith(b"/"):
+        raise ImageError("not_allowed", f"path must be absolute: {os.fsdecode(raw)!r}")
+    parts = _lexical([], raw.split(b"/"))
+    if parts is None:
+        raise ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)")
+    for root in roots:
+        root_parts = [p for p in os.fsencode(root).split(b"/") if p]
+        if parts[: len(root_parts)] == root_parts:
+            fd = _walk(os.fsencode(root), parts[len(root_parts) :])
+            return _read_fd(fd, max_bytes, check_links=not allow_hardlinks)
+    raise ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)")
+
+
+def _lexical(base: list[bytes], parts: Sequence[bytes]) -> list[bytes] | None:
+    """``base`` + ``parts`` with '.', '..' and empty names resolved as text; None if '..' climbs above base's top."""
+    out = list(base)
+    for part in parts:
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not out:
+                return None
+            out.pop()
+        else:
+            out.append(part)
+    return out
+
+
+def _open_error(exc: OSError) -> ImageError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return ImageError("not_found", "file not found")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ImageError("unreadable", "permission denied")
+    return ImageError("unreadable", f"cannot open file: {exc.strerror or exc}")
+
+
+def _walk(root: bytes, rest: list[bytes]) -> int:
+    """A readable descriptor of ``root``/``rest`` reached without leaving ``root`` (see read_confined)."""
+    try:
+        root_fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    except OSError as exc:
+        raise _open_error(exc) from None
+    try:
+        links = 0
+        while True:  # one pass per symlink met
+            below: list[bytes] = []  # components opened so far, under the root
+            cur = os.dup(root_fd)
+            try:
+                todo = list(rest)
+                while todo:
+                    name = todo.pop(0)
+                    last = not todo
+                    try:
+                        if last:
+                            fd = _open_final(name, cur)
+                        else:
+                            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_DIRECTORY | _O_CLOEXEC, dir_fd=cur)
+                    except _Symlink:
+                        fd = -1
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise _open_error(exc) from None
+                        fd = -1
+                    if fd >= 0:
+                        os.close(cur)
+                        cur = fd
+                        below.append(name)
+                        continue
+                    try:
+                        target = os.readlink(name, dir_fd=cur)
+                    except OSError:
+                        raise ImageError("not_found", "a component of the path is not a directory") from None
+                    links += 1
+                    if links > MAX_LINKS:
+                        raise ImageError("unreadable", "too many levels of symbolic links")
+                    target_parts = target.split(b"/")
+                    if target.startswith(b"/"):
+                        root_parts = [p for p in root.split(b"/") if p]
+                        absolute = _lexical([], target_parts)
+                        if absolute is None or absolute[: len(root_parts)] != root_parts:
+                            raise _outside()
+                        new = _lexical(absolute[len(root_parts) :], todo)
+                    else:
+                        new = _lexical(below, [*target_parts, *todo])
+                    if new is None:
+                        raise _outside()
+                    rest = new
+                    break
+                else:
+                    result, cur = cur, -1
+                    return result
+            finally:
+                if cur >= 0:
+                    os.close(cur)
+    finally:
+        os.close(root_fd)
+
+
+class _Symlink(Exception):
+    """The final component is a symlink (to be followed by the walk)."""
+
+
+def _outside() -> ImageError:
+    return ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS) through a symlink")
+
+
+def _open_final(name: bytes, dir_fd: int) -> int:
+    """Open the last component for reading without following a symlink and without opening a non-file.
+
+    With O_PATH (Linux), the name is first pinned without opening it; only a regular file is then opened for
+    reading, through /proc/self/fd (the same inode, no second lookup of the name).
+    """
+    if _O_PATH:
+        try:
+            pinned = os.open(name, _O_PATH | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _open_error(exc) from None
+        try:
+            info = os.fstat(pinned)
+            if stat.S_ISLNK(info.st_mode):
+                raise _Symlink()
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError("not_regular", "not a regular file")
+            try:
+                return os.open(f"/proc/self/fd/{pinned}", os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # no /proc: open by name below (O_NOFOLLOW still refuses a swapped-in symlink)
+        finally:
+            os.close(pinned)
+    try:
+        return os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Symlink() from None
+        raise _open_error(exc) from None
+
+
+def _read_fd(fd: int, max_bytes: int, *, check_links: bool) -> bytes:
+    """Check the opened descriptor (a regular file, bounded size, one link) and read it; closes ``fd``."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not_regular", "not a regular file")
+        if check_links and info.st_nlink > 1:
+            raise ImageError("not_allowed", "file has other hard links (IMGPIPE_ALLOW_HARDLINKS=1 reads it)")
+        return _read_open(fd, info.st_size, max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _read_open(fd: int, size: int, max_bytes: int) -> bytes:
+    if size == 0:
+        raise ImageError("empty", "empty file (0 bytes)")
+    if size > max_bytes:
+        raise ImageError("too_large", f"file is {size} bytes; the limit is {max_bytes}")
+    try:
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as exc:
+        raise ImageError("unreadable", f"cannot read file: {exc.strerror or exc}") from None
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"file grew past the limit of {max_bytes} bytes while reading")
+    if not data:
+        raise ImageError("empty", "empty file (0 bytes)")
+    return data
 
 
 def confine(path: str | os.PathLike[str], roots: Sequence[Path]) -> Path:

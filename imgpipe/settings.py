@@ -64,6 +64,7 @@ class SecuritySettings:
     allowed_roots: tuple[Path, ...] = ()
     max_file_bytes: int = defaults.MAX_FILE_BYTES
     max_pixels: int = defaults.MAX_PIXELS
+    allow_hardlinks: int = 0  # 1: read files with more than one hard link (st_nlink > 1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class WorkerSettings:
     max_deliveries: int = defaults.MAX_DELIVERIES
     prefetch: int | None = None  # messages held per process; None: PREFETCH_PER_BATCH_IMAGE x max_batch
     health_dir: Path | None = None  # None: <temp dir>/imgpipe-health-<uid> (see imgpipe/health.py)
+    lease_ttl: int = defaults.LEASE_TTL_S  # seconds a message's lease lives without renewal
+    work_images: int | None = None  # images in decode/inference at once; None: 2 x max batch
+    max_message_paths: int = defaults.MAX_MESSAGE_PATHS
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
 
 
 SECTIONS = ("redis", "model", "batch", "producer", "security", "metrics", "exporter", "worker")
@@ -186,6 +191,18 @@ VARS: tuple[Var, ...] = (
         "adaptive batching: p95 target from message receipt to record, sizes batches (ms; 0: off)",
         0,
     ),
+    Var("ALLOW_HARDLINKS", "security", "allow_hardlinks", "int", "1: read files that have other hard links", 0),
+    Var("LEASE_TTL", "worker", "lease_ttl", "int", "seconds a dead worker's messages stay leased before resent", 3),
+    Var(
+        "WORK_IMAGES",
+        "worker",
+        "work_images",
+        "optional_int",
+        "images in decode and inference at once per process (default: 2 x max batch)",
+        1,
+    ),
+    Var("MAX_MESSAGE_PATHS", "worker", "max_message_paths", "int", "larger messages are refused", 1),
+    Var("MAX_MESSAGE_BYTES", "worker", "max_message_bytes", "int", "messages with more path text are refused", 1),
 )
 VARS_BY_NAME = {var.name: var for var in VARS}
 

@@ -18,7 +18,7 @@ from imgpipe.errors import ImageError
 from imgpipe.model import export, jit
 from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
-from imgpipe.safety import confine, read_bounded
+from imgpipe.safety import read_confined
 from imgpipe.settings import SecuritySettings
 
 TopK = list[tuple[str, float]]
@@ -112,8 +112,12 @@ class Engine:
 
     def load_image(self, path: str) -> torch.Tensor:
         """Read (confined to the allowed roots, size-bounded), decode and preprocess: (C, H, W)."""
-        resolved = confine(path, self.security.allowed_roots)
-        data = read_bounded(resolved, self.security.max_file_bytes)
+        data = read_confined(
+            path,
+            self.security.allowed_roots,
+            self.security.max_file_bytes,
+            allow_hardlinks=bool(self.security.allow_hardlinks),
+        )
         image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
         return self.preset.to_tensor(image)
 
