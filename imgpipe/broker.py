@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -12,6 +13,7 @@ from kombu import Queue
 
 from imgpipe import defaults, keys
 from imgpipe.errors import ConfigError
+from imgpipe.messages import SENT_HEADER, VERSION, VERSION_HEADER
 from imgpipe.settings import RedisSettings
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -54,13 +56,15 @@ def ssl_options(url: str) -> dict[str, Any] | None:
     return options
 
 
-def redis_client(settings: RedisSettings, *, check: bool = True) -> redis.Redis:
+def redis_client(settings: RedisSettings, *, check: bool = True, max_connections: int | None = None) -> redis.Redis:
     """A redis-py client for ``settings.url`` (passwords, ``rediss://`` and its ssl_* query options work).
 
-    With ``check``, one PING: a wrong URL, password or certificate is a ConfigError naming the (masked) URL.
+    ``max_connections`` sizes the pool (a worker: above its task threads). With ``check``, one PING: a wrong
+    URL, password or certificate is a ConfigError naming the (masked) URL.
     """
     try:
-        client = redis.Redis.from_url(settings.url, socket_connect_timeout=10, health_check_interval=30)
+        extra: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
+        client = redis.Redis.from_url(settings.url, socket_connect_timeout=10, health_check_interval=30, **extra)
     except ValueError as exc:
         raise ConfigError(f"IMGPIPE_REDIS_URL {safe_url(settings.url)!r} is not a Redis URL: {exc}") from None
     if check:
@@ -120,7 +124,10 @@ def make_celery(main: str, redis: RedisSettings) -> Celery:
 
 
 def publish(app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None) -> None:
-    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths) by task name."""
+    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths in their text form) by task name.
+
+    The message format is version ``imgpipe.messages.VERSION`` (docs/reliability.md).
+    """
     app.send_task(
         keys.TASK_CLASSIFY,
         args=[job_id, paths],
@@ -129,4 +136,5 @@ def publish(app: Celery, job_id: str, paths: list[str], message_id: str, produce
         # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
         argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
         kwargsrepr="{}",
+        headers={VERSION_HEADER: VERSION, SENT_HEADER: time.time()},
     )

@@ -9,12 +9,14 @@ TASK_CLASSIFY = "imgpipe.classify_chunk"
 
 # Set of all job ids, newest scored highest (score: creation time).
 JOBS = f"{PREFIX}:jobs"
-# Jobs that have messages not yet completed (see job_pending); the sweeper looks only at these.
+# Jobs that have messages not yet completed (see job_pending); the reconciler looks only at these.
 PENDING_JOBS = f"{PREFIX}:pending-jobs"
 # Lock so that one worker at a time looks for lost messages (value: who holds it; expires by itself).
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 # Sorted set of worker ids, scored by their latest heartbeat (epoch seconds); see imgpipe/registry.py.
 WORKERS = f"{PREFIX}:workers"
+# Sorted set of message ids leased by a worker, scored by the lease's expiry (Redis server time, seconds).
+LEASES = f"{PREFIX}:leases"
 # Dead-lettered messages: list of JSON {"job", "message_id", "paths", "reason", "deliveries", "at"}.
 DEAD_LETTER = f"{PREFIX}:deadletter"
 
@@ -37,7 +39,8 @@ def job_pending(job_id: str) -> str:
 
 
 def deliveries(message_id: str) -> str:
-    """Hash: count (times one message was started) and error (why the last start failed), for dead-lettering."""
+    """Hash: count (deliveries charged), error (why the last charged one failed), suspect (1: runs alone next),
+    and while leased: owner (worker id), state (held | working), alone (1 | 0), job. See imgpipe/leases.py."""
     return f"{PREFIX}:deliveries:{message_id}"
 
 

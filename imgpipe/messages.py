@@ -23,6 +23,8 @@ VERSION = 2
 ACCEPTED = (1, 2)
 # Celery message header carrying the version (absent: version 1).
 VERSION_HEADER = "imgpipe_v"
+# Celery message header with the epoch seconds it was sent at (the reconciler's queue watermark).
+SENT_HEADER = "imgpipe_sent"
 
 
 class Refused(Exception):
@@ -82,6 +84,8 @@ def check_path(text: str, roots: Sequence[str] | None) -> tuple[str, str] | None
         raw = path_bytes(text)
     except (ValueError, UnicodeEncodeError):
         return "not_allowed", "not a path in imgpipe's escaped form"
+    if path_text(raw) != text:
+        return "not_allowed", "not in imgpipe's canonical escaped form"
     if b"\0" in raw:
         return "not_allowed", "path holds a NUL byte (no file name can)"
     if not raw.startswith(b"/"):

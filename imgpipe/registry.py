@@ -105,12 +105,14 @@ class Heartbeat:
         status: Callable[[], dict[str, Any]] | None = None,
         interval: float = defaults.HEARTBEAT_INTERVAL_S,
         ttl: float = defaults.HEARTBEAT_TTL_S,
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.info = info
         self.status = status or (lambda: {})
         self.interval = interval
         self.ttl = ttl
+        self.on_beat = on_beat  # more to keep fresh with each beat (the worker's message leases)
         self.last_ok: float | None = None  # when a heartbeat last reached Redis
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imgpipe-heartbeat", daemon=True)
@@ -126,6 +128,8 @@ class Heartbeat:
         self.info = replace(self.info, seen=time.time(), **self.status())
         try:
             write_heartbeat(self.client, self.info, self.ttl)
+            if self.on_beat is not None:
+                self.on_beat()
         except (redis.RedisError, OSError) as exc:
             if not self._failing:
                 log.warning("heartbeat to Redis failed (retrying every %.0f s): %s", self.interval, exc)

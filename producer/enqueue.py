@@ -14,8 +14,11 @@ from typing import Any
 import redis
 from celery import Celery
 
+from imgpipe import defaults
 from imgpipe.broker import make_celery, publish
+from imgpipe.errors import ConfigError
 from imgpipe.jobs import add_pending, add_to_total
+from imgpipe.paths import path_text
 from imgpipe.settings import RedisSettings
 
 # Messages published per Redis round trip (each group first raises the job's total, then is published).
@@ -53,6 +56,10 @@ class Enqueuer:
         ttl_seconds: int,
         group_messages: int = GROUP_MESSAGES,
     ) -> None:
+        if chunk_size > defaults.MAX_MESSAGE_PATHS:
+            raise ConfigError(
+                f"chunk size {chunk_size} is above the {defaults.MAX_MESSAGE_PATHS} paths a worker accepts"
+            )
         self.client = client
         self.app = app
         self.job_id = job_id
@@ -78,7 +85,8 @@ class Enqueuer:
     def add(self, paths: Iterable[str]) -> int:
         """Enqueue ``paths`` (consumed lazily, in groups); returns how many were sent."""
         sent = 0
-        for group in _grouped(chunked(paths, self.chunk_size), self.group_messages):
+        texts = (path_text(path) for path in paths)  # the lossless text form (docs/reliability.md)
+        for group in _grouped(chunked(texts, self.chunk_size), self.group_messages):
             sent += self._send_group(group)
         return sent
 

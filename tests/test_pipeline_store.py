@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 
 import redis
 
 from imgpipe import keys
 from imgpipe.jobs import add_to_total, create_job, job_status, seal_job
+from imgpipe.leases import Leases, Reconciler
+from imgpipe.procs import wait_until
 from imgpipe.records import error_record, ok_record
 from imgpipe.worker.store import ResultStore
 
@@ -62,57 +63,40 @@ def test_the_last_write_of_a_sealed_job_finishes_it(client: redis.Redis) -> None
     assert status.finished and status.rate is None and status.took is not None and status.took >= 0
 
 
-def test_begin_counts_deliveries_and_lists_paths_without_records(client: redis.Redis) -> None:
+def test_leases_charge_only_a_message_that_worked_alone_and_drop_duplicate_copies(client: redis.Redis) -> None:
     job_id = _job(client, 3)
-    store = ResultStore(client, TTL)
     paths = ["/d/a.png", "/d/b.png", "/d/c.png"]
-    first = store.begin("msg-1", job_id, paths)
-    assert (first.count, first.last_error, first.job_exists, first.todo) == (1, None, True, paths)
-    store.write(job_id, [ok_record("/d/b.png", [("7", 0.9)], MODEL)], MODEL)
-    store.note_failure("msg-1", "RuntimeError: boom")
-    second = store.begin("msg-1", job_id, paths)
-    assert (second.count, second.last_error, second.todo) == (2, "RuntimeError: boom", ["/d/a.png", "/d/c.png"])
-    store.forget("msg-1", job_id)
-    assert store.begin("msg-1", job_id, paths).count == 1
-    assert not store.begin("msg-2", "no-such-job", paths).job_exists
+    one = Leases(client, "worker-1", lease_ttl=30, key_ttl=TTL)
+    two = Leases(client, "worker-2", lease_ttl=30, key_ttl=TTL)
+    first = one.begin("msg-1", job_id, paths)
+    assert (first.state, first.count, first.suspect, first.todo) == ("ok", 0, False, (0, 1, 2))
+    assert two.begin("msg-1", job_id, paths).state == "duplicate"  # leased by a live worker
+    ResultStore(client, TTL).write(job_id, [ok_record("/d/b.png", [("7", 0.9)], MODEL)], MODEL)
+    one.working("msg-1", alone=False)
+    one.give_back("msg-1", job_id, "RuntimeError: boom")  # failed beside others: a suspect, not charged
+    second = two.begin("msg-1", job_id, paths)
+    assert (second.state, second.count, second.suspect, second.todo) == ("ok", 0, True, (0, 2))
+    two.working("msg-1", alone=True)
+    two.give_back("msg-1", job_id, "RuntimeError: boom")  # failed alone: charged
+    third = one.begin("msg-1", job_id, paths)
+    assert (third.count, third.last_error) == (1, "RuntimeError: boom")
+    one.give_back("msg-1", job_id)  # not started (shutting down): nothing charged
+    assert two.begin("msg-1", job_id, paths).count == 1
+    two.finish("msg-1", job_id)
+    assert one.begin("msg-1", job_id, paths).count == 0
+    assert Leases(client, "w", 30, TTL).begin("msg-2", "no-such-job", paths).state == "no_job"
 
 
-def test_unknown_job_writes_nothing_and_dead_letters_are_pushed_once(client: redis.Redis) -> None:
-    store = ResultStore(client, TTL)
-    assert store.write("no-such-job", [ok_record("/d/a.png", [("7", 0.9)], MODEL)], MODEL) is None
-    assert not client.exists(keys.job_results("no-such-job"))
-
-    job_id = _job(client, 1)
-    records = [error_record("/d/a.png", "gave up", MODEL, "dead_letter")]
-    entry = {"job": job_id, "paths": ["/d/a.png"], "reason": "killed", "deliveries": 3}
-    assert store.write(job_id, records, MODEL, dead_letter=entry) == records
-    assert store.write(job_id, records, MODEL, dead_letter=entry) == []
-    assert [json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)] == [entry]
-
-
-def test_worker_registry_lists_live_workers_and_forgets_dead_ones(client: redis.Redis) -> None:
-    from imgpipe.registry import Heartbeat, WorkerInfo, live_workers, queues_served
-
-    info = WorkerInfo(id="imgpipe-1@h", host="h", pid=1, model="m@abc", device="cpu", queues=("imgpipe",), started=1.0)
-    beat = Heartbeat(client, info, lambda: {"busy": 3, "progress": 5.0}, interval=0.1, ttl=0.5).start()
-    try:
-        (live,) = live_workers(client, ttl=0.5)
-        assert (live.id, live.model, live.busy, live.progress, live.queues) == (
-            "imgpipe-1@h",
-            "m@abc",
-            3,
-            5.0,
-            ("imgpipe",),
-        )
-        assert queues_served([live]) == {"imgpipe"}
-    finally:
-        beat.close()
-    assert live_workers(client, ttl=0.5) == []  # a clean stop leaves the list at once
-    # A worker that dies without a word (kill -9) vanishes when its heartbeat expires.
-    Heartbeat(client, replace(info, id="imgpipe-2@h"), interval=60, ttl=0.3).beat()
-    assert [w.id for w in live_workers(client, ttl=0.3)] == ["imgpipe-2@h"]
-    time.sleep(0.5)
-    assert live_workers(client, ttl=0.3) == []
-    client.set(keys.worker("junk"), "not json")
-    client.zadd(keys.WORKERS, {"junk": time.time()})
-    assert live_workers(client) == []  # a record not written by imgpipe is ignored, never an exception
+def test_an_expired_working_lease_is_resent_by_the_reconciler(client: redis.Redis) -> None:
+    job_id = _job(client, 2)
+    paths = ["/d/a.png", "/d/b.png"]
+    client.hset(keys.job_pending(job_id), "msg-1", json.dumps({"paths": paths, "at": time.time()}))
+    dead = Leases(client, "dead-worker", lease_ttl=1, key_ttl=TTL)
+    dead.begin("msg-1", job_id, paths)
+    dead.working("msg-1", alone=True)
+    sent: list[tuple[str, list[str], str]] = []
+    reconciler = Reconciler(client, "no-queue", lambda *a: sent.append(a), owner="me")
+    assert reconciler.run_once() == {"expired": 0, "lost": 0}  # still leased; the queue is empty but it is fresh
+    wait_until(lambda: reconciler.expired() or None, 10, "the lease expired and the message was sent again")
+    assert sent == [(job_id, paths, "msg-1")]
+    assert int(client.hget(keys.deliveries("msg-1"), "count") or 0) == 1  # it worked alone: charged

@@ -20,8 +20,18 @@ def prefetch(settings: Settings) -> int:
     return max(2, defaults.PREFETCH_PER_BATCH_IMAGE * settings.batch.max_batch)
 
 
+def work_images(settings: Settings) -> int:
+    """Images in decode and inference at once per process (the work gate, worker/pipeline.py)."""
+    if settings.worker.work_images is not None:
+        return settings.worker.work_images
+    return max(1, defaults.WORK_IMAGES_PER_BATCH_IMAGE * settings.batch.max_batch)
+
+
 def make_app(settings: Settings) -> Celery:
     """The Celery app of a worker process; tasks are registered by ``worker.tasks.register``."""
+    from imgpipe.worker import transport
+
+    transport.install()  # junk in the queue is dropped and counted, not fatal
     app = make_celery("imgpipe-worker", settings.redis)
     limit = task_time_limit(settings.redis)
     app.conf.update(

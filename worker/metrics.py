@@ -147,3 +147,10 @@ def initialise_series() -> None:
         STAGE_SECONDS.labels(stage=stage)
     for reason in ImageError.REASONS:
         ERRORS.labels(reason=reason)
+
+# Messages a worker refused before any Redis write (reason: junk, content_type, schema, job_id, version, ...).
+REFUSED = Counter("imgpipe_messages_refused_total", "Messages refused by a worker, by reason", ["reason"])
+# Messages re-sent by the reconciler (expired lease or lost from the queue).
+RESENT = Counter("imgpipe_messages_resent_total", "Messages re-sent by the reconciler, by cause", ["cause"])
+# Copies of a message dropped because another worker holds its lease or its records are all written.
+DUPLICATES = Counter("imgpipe_duplicate_messages_total", "Duplicate message copies dropped")

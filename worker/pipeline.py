@@ -1,16 +1,24 @@
-"""One message's way through a worker: count the delivery, skip paths already recorded, classify the rest in
-shared batches, write the records, and dead-letter a message that keeps failing."""
+"""One message's way through a worker: take its lease, skip paths already recorded, wait for a work slot,
+classify the rest in shared batches, write the records, and dead-letter a message charged too often.
+
+Accounting (docs/reliability.md): a delivery is charged only to a message that was working alone when its
+worker died or its batch failed; one that was working beside others becomes a suspect and runs alone next.
+"""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imgpipe import keys
 from imgpipe.errors import RetryableError
+from imgpipe.leases import Leases
+from imgpipe.messages import Message, check_path, native_path
 from imgpipe.model.engine import Engine
 from imgpipe.records import Record, error_record
 from imgpipe.worker import metrics
@@ -24,75 +32,164 @@ LOST = "the worker stopped while processing it (killed, crashed or lost its conn
 
 @dataclass(frozen=True)
 class PipelineLimits:
-    max_deliveries: int  # starts of one message before it is dead-lettered
-    time_limit: float  # seconds one message may take before it is given back (below the visibility timeout)
+    max_deliveries: int  # charged deliveries of one message before it is dead-lettered
+    time_limit: float  # seconds a working message may take before it is given back (uncharged)
+
+
+class GiveBack(Exception):
+    """The message was not started (shutting down): give it back to the queue at once, uncharged."""
+
+
+class TooSlow(RetryableError):
+    """A working message passed its time limit: the records done are written, the rest given back uncharged
+    (slowness is never charged, and every delivery makes progress)."""
+
+    def __init__(self, message: str, done: list[Record]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
+class WorkGate:
+    """Bounds the images in decode and inference per process; first come, first served; one may take it all.
+
+    ``acquire(n)`` waits until ``n`` of ``capacity`` units are free and every earlier caller is served; a
+    suspect asks for the whole capacity and so runs alone. Returns False if ``stopping`` is set meanwhile.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.used = 0
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    def acquire(self, n: int, stopping: threading.Event) -> bool:
+        n = min(max(1, n), self.capacity)
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while not (self._queue[0] is ticket and self.used + n <= self.capacity):
+                    if stopping.is_set():
+                        return False
+                    self._cond.wait(0.2)
+                self.used += n
+                return True
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def release(self, n: int) -> None:
+        n = min(max(1, n), self.capacity)
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class Pipeline:
     """What a task runs; shared by all task threads of one worker process."""
 
-    def __init__(self, engine: Engine, batcher: Batcher, store: ResultStore, limits: PipelineLimits) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: Batcher,
+        store: ResultStore,
+        leases: Leases,
+        limits: PipelineLimits,
+        gate: WorkGate,
+    ) -> None:
         self.engine = engine
         self.batcher = batcher
         self.store = store
+        self.leases = leases
         self.limits = limits
+        self.gate = gate
+        self.stopping = threading.Event()  # set on SIGTERM: messages not started are given back
 
-    def process(self, message_id: str, job_id: str, paths: Sequence[str]) -> int:
-        """Handle one delivery of a message; returns how many records it wrote.
+    def process(self, message_id: str, message: Message) -> int:
+        """Handle one delivery of a validated message; returns how many records it wrote.
 
-        Raises on any failure that should give the message back for another try (RetryableError when the
-        cause is known to be passing).
+        Raises GiveBack (not started: requeue), or any other exception after ``failed`` (requeue).
         """
-        started = time.monotonic()
-        delivery = self.store.begin(message_id, job_id, paths)
-        if not delivery.job_exists:
+        job_id = message.job_id
+        begun = self.leases.begin(message_id, job_id, message.paths)
+        if begun.state == "no_job":
             log.warning("message %s: job %r does not exist (expired or never created); dropped", message_id, job_id)
             return 0
-        if not delivery.todo:
-            self.store.forget(message_id, job_id)  # a redelivered message whose records were all written
+        if begun.state == "duplicate":
+            metrics.DUPLICATES.inc()
+            log.info("message %s: another copy is leased by a live worker; this copy dropped", message_id)
             return 0
-        if delivery.count > self.limits.max_deliveries:
-            reason = delivery.last_error or LOST
-            return self._dead_letter(message_id, job_id, delivery.todo, delivery.count, reason)
-        with metrics.in_flight(len(delivery.todo)):
-            records = self._classify(message_id, delivery.todo, started)
+        todo = [message.paths[i] for i in begun.todo]
+        if not todo:
+            self.leases.finish(message_id, job_id)  # a copy of a message whose records were all written
+            return 0
+        if begun.count >= self.limits.max_deliveries:
+            return self._dead_letter(message_id, job_id, todo, begun.count, begun.last_error or LOST)
+        model = self.engine.model_id
+        refused: list[Record] = []
+        good: list[str] = []
+        for path in todo:
+            why = check_path(path, begun.roots)
+            if why is None:
+                good.append(path)
+            else:
+                refused.append(_error(path, why[1], model, why[0]))
+        alone = begun.suspect
+        weight = self.gate.capacity if alone else len(good)
+        records: list[Record] = []
+        if good:
+            if not self.gate.acquire(weight, self.stopping):
+                self.leases.give_back(message_id, job_id)
+                raise GiveBack("shutting down before the message started")
+            try:
+                self.leases.working(message_id, alone)
+                with metrics.in_flight(len(good)):
+                    records = self._classify(message_id, good)
+            except TooSlow as exc:
+                self._count(self.store.write(job_id, [*exc.done, *refused], model) or [])
+                raise
+            finally:
+                self.gate.release(weight)
         start = time.perf_counter()
-        written = self.store.write(job_id, records, self.engine.model_id)
+        written = self.store.write(job_id, [*records, *refused], model)
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - start)
         self._count(written or [])
-        self.store.forget(message_id, job_id)
+        self.leases.finish(message_id, job_id)
         return len(written or [])
 
-    def failed(self, message_id: str, exc: BaseException) -> None:
-        """Record why a delivery failed (best effort: Redis may be what failed)."""
+    def failed(self, message_id: str, job_id: str, exc: BaseException) -> None:
+        """End the lease of a delivery that failed: charged if it ran alone, else a suspect; slowness is free."""
+        failure = "" if isinstance(exc, TooSlow) else f"{exc.__class__.__name__}: {exc}"
         try:
-            self.store.note_failure(message_id, f"{exc.__class__.__name__}: {exc}")
-        except Exception as store_exc:
-            log.warning("cannot record the failure of message %s: %s", message_id, store_exc)
+            self.leases.give_back(message_id, job_id, failure or "")
+        except Exception as store_exc:  # Redis may be what failed: the lease then expires by itself
+            log.warning("cannot give back message %s: %s", message_id, store_exc)
 
-    def _classify(self, message_id: str, paths: Sequence[str], started: float) -> list[Record]:
-        futures = self.batcher.submit(paths, source=message_id)
-        timeout = max(0.0, self.limits.time_limit - (time.monotonic() - started))
-        _done, pending = concurrent.futures.wait(futures, timeout=timeout)
+    def _classify(self, message_id: str, paths: Sequence[str]) -> list[Record]:
+        started = time.monotonic()
+        futures = self.batcher.submit([native_path(p) for p in paths], source=message_id)
+        _done, pending = concurrent.futures.wait(futures, timeout=self.limits.time_limit)
         if pending:
             for future in pending:
                 future.cancel()
-            raise RetryableError(
-                f"{len(pending)} of {len(paths)} images not classified within the time limit of "
-                f"{self.limits.time_limit:.0f} s (a fraction of IMGPIPE_VISIBILITY_TIMEOUT)"
+            done = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+            raise TooSlow(
+                f"{len(pending)} of {len(paths)} images not classified within {time.monotonic() - started:.0f} s "
+                f"of starting (the time limit, a fraction of IMGPIPE_VISIBILITY_TIMEOUT); {len(done)} recorded",
+                done,
             )
         return [future.result() for future in futures]
 
     def _dead_letter(self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str) -> int:
         model = self.engine.model_id
-        message = f"gave up after {count - 1} deliveries: {reason}"
-        records = [error_record(path, message, model, "dead_letter") for path in paths]
+        message = f"gave up after {count} deliveries: {reason}"
+        records = [_error(path, message, model, "dead_letter") for path in paths]
         entry = {
             "job": job_id,
             "message_id": message_id,
             "paths": list(paths),
             "reason": reason,
-            "deliveries": count - 1,
+            "deliveries": count,
             "at": time.time(),
         }
         written = self.store.write(job_id, records, model, dead_letter=entry)
@@ -104,11 +201,11 @@ class Pipeline:
                 message_id,
                 job_id,
                 keys.DEAD_LETTER,
-                count - 1,
+                count,
                 len(written),
                 reason,
             )
-        self.store.forget(message_id, job_id)
+        self.leases.finish(message_id, job_id)
         return len(written or [])
 
     @staticmethod
@@ -117,3 +214,10 @@ class Pipeline:
             metrics.IMAGES.labels(status=record["status"]).inc()
             if record["status"] != "ok":
                 metrics.ERRORS.labels(reason=record.get("reason", "internal")).inc()
+
+
+def _error(path: str, error: str, model: str, reason: str) -> Record:
+    """An error record for a path already in its text form (kept as it came, whatever it holds)."""
+    record = error_record("", error, model, reason)
+    record["path"] = path
+    return record

@@ -1,4 +1,5 @@
-"""One worker process: load the model, start the batcher and heartbeat, run the Celery consumer until stopped."""
+"""One worker process: load the model, start the batcher, heartbeat and reconciler, run the Celery consumer
+(started again if it stops on an error) until stopped."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import signal
 import socket
 import threading
 import time
+from typing import Any
 
+from imgpipe import defaults
 from imgpipe.broker import redis_client, safe_url, task_time_limit
 from imgpipe.settings import Settings
 
@@ -17,19 +20,23 @@ log = logging.getLogger("imgpipe.worker")
 
 def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int | None = None) -> int:
     """Load the model, start the batcher and run a Celery worker (threads pool) here until stopped."""
+    from celery import signals
+
     from imgpipe.broker import publish
     from imgpipe.health import HealthReporter, consumer_connected, health_dir
+    from imgpipe.leases import Leases, Reconciler
+    from imgpipe.messages import Limits
     from imgpipe.model.engine import Engine
     from imgpipe.registry import Heartbeat, WorkerInfo
     from imgpipe.worker import metrics, metrics_server
-    from imgpipe.worker.app import make_app, prefetch
+    from imgpipe.worker.app import make_app, prefetch, work_images
     from imgpipe.worker.batcher import Batcher
-    from imgpipe.worker.pipeline import Pipeline, PipelineLimits
+    from imgpipe.worker.pipeline import Pipeline, PipelineLimits, WorkGate
     from imgpipe.worker.store import ResultStore
-    from imgpipe.worker.sweeper import Sweeper
     from imgpipe.worker.tasks import register
 
-    client = redis_client(settings.redis)
+    # Above the task threads plus the heartbeat, reconciler and consumer: no MaxConnectionsError in a Redis pause.
+    client = redis_client(settings.redis, max_connections=prefetch(settings) + 16)
     engine = Engine.load(
         settings.model.resolved_path(),
         device,
@@ -40,16 +47,25 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
     server = metrics_server.start_metrics_server(settings.metrics)
     batcher = Batcher(engine, settings.batch).start()
-    store = ResultStore(client, settings.redis.result_ttl_days * 86400)
+    ttl = settings.redis.result_ttl_days * 86400
+    store = ResultStore(client, ttl)
+    hostname = f"imgpipe-{os.getpid()}@{socket.gethostname()}"
+    leases = Leases(client, hostname, settings.worker.lease_ttl, ttl)
     limits = PipelineLimits(settings.worker.max_deliveries, task_time_limit(settings.redis))
     app = make_app(settings)
-    register(app, Pipeline(engine, batcher, store, limits))
+    pipeline = Pipeline(engine, batcher, store, leases, limits, WorkGate(work_images(settings)))
+    register(app, pipeline, Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes))
 
     def resend(job_id: str, paths: list[str], message_id: str) -> None:
         publish(app, job_id, paths, message_id)
+        metrics.RESENT.labels(cause="reconciler").inc()
 
-    sweeper = Sweeper(client, settings.redis.queue, settings.redis.visibility_timeout, resend).start()
-    hostname = f"imgpipe-{os.getpid()}@{socket.gethostname()}"
+    reconciler = Reconciler(client, settings.redis.queue, resend, owner=hostname)
+    stop = threading.Event()
+    reconcile_thread = threading.Thread(
+        target=_reconcile_loop, args=(reconciler, stop), name="imgpipe-reconciler", daemon=True
+    )
+    reconcile_thread.start()
     me = WorkerInfo(
         id=hostname,
         host=socket.gethostname(),
@@ -60,12 +76,17 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         started=time.time(),
     )
     health = HealthReporter(health_dir(settings), me, batcher.health).start()  # read by `imgpipe worker --check`
-    heartbeat = Heartbeat(client, me, health.status).start()
+    heartbeat = Heartbeat(client, me, health.status, on_beat=leases.renew).start()
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid)
+
+    def on_shutdown(**_: Any) -> None:  # SIGTERM/SIGINT: messages not started are given back at once
+        pipeline.stopping.set()
+
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
     log.info(
         "imgpipe worker %d: model %s on %s; queue %r at %s; allowed roots %s; batches of up to %d images "
-        "(waiting up to %d ms); %d messages at a time%s",
+        "(waiting up to %d ms); %d messages at a time, %d images in work%s",
         os.getpid(),
         engine.model_id,
         engine.device,
@@ -75,31 +96,53 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         settings.batch.max_batch,
         settings.batch.max_wait_ms,
         prefetch(settings),
+        work_images(settings),
         f"; metrics on port {server.port}" if server is not None else "",
     )
-    celery_worker = app.Worker(
-        hostname=hostname,
-        queues=[settings.redis.queue],
-        loglevel=loglevel.upper(),
-        quiet=True,
-        without_gossip=True,
-        without_mingle=True,
-        without_heartbeat=True,
-        optimization="fair",
-    )
-    health.connected = lambda: consumer_connected(celery_worker)
+    code = 0
     try:
-        celery_worker.start()
+        while True:
+            celery_worker = app.Worker(
+                hostname=hostname,
+                queues=[settings.redis.queue],
+                loglevel=loglevel.upper(),
+                quiet=True,
+                without_gossip=True,
+                without_mingle=True,
+                without_heartbeat=True,
+                optimization="fair",
+            )
+            health.connected = lambda w=celery_worker: consumer_connected(w)
+            celery_worker.start()
+            code = int(celery_worker.exitcode or 0)
+            if code == 0 or pipeline.stopping.is_set():
+                break
+            # The consumer stopped on an error (e.g. kombu's AttributeError while reconnecting to a restarted
+            # Redis): start it again rather than leave the worker dead.
+            log.error("the consumer stopped (exit code %d); starting it again", code)
+            time.sleep(defaults.CONSUMER_RESTART_S)
     finally:
+        stop.set()
         heartbeat.close()
         health.close()
-        sweeper.close()
         batcher.close()
         if server is not None:
             server.close()
         metrics_server.mark_this_process_dead()
         client.close()
-    return int(celery_worker.exitcode or 0)
+    return code
+
+
+def _reconcile_loop(reconciler: Any, stop: threading.Event) -> None:
+    import redis
+
+    while not stop.wait(defaults.RECONCILE_S):
+        try:
+            reconciler.run_once(lock_s=defaults.RECONCILE_S * 0.9)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("reconciling leases failed: %s", exc)
+        except Exception:
+            log.exception("reconciling leases failed")
 
 
 def _stop_when_orphaned(parent_pid: int) -> None:

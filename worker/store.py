@@ -1,4 +1,4 @@
-"""Idempotent result writes, delivery counting and dead letters, all in the job's Redis keys.
+"""Idempotent result writes and dead letters, all in the job's Redis keys.
 
 Each path's record is written once (HSETNX) and counted only when new, in one Lua script per message, so a
 redelivered message never adds a second record or counts an image twice: ``done + failed == total`` exactly.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from imgpipe import keys
-from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text
+from imgpipe.jobs import FINISH_IF_COMPLETE_LUA
 from imgpipe.records import Record
 
 # KEYS: job hash, results hash, dead-letter list.
@@ -50,54 +49,13 @@ return written
 )
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """What Redis says about one message as a worker starts it."""
-
-    count: int  # this start included
-    last_error: str | None  # why the previous start failed, if it said
-    job_exists: bool
-    todo: list[str]  # paths of the message that have no record yet
-
-
 class ResultStore:
-    """The worker's Redis side: one round trip to start a message, one Lua call to write its records."""
+    """The worker's Redis side for records: one Lua call writes a message's records (leases: imgpipe/leases.py)."""
 
     def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
         self.client = client
         self.ttl_seconds = ttl_seconds
         self._write = client.register_script(_WRITE_LUA)
-
-    def begin(self, message_id: str, job_id: str, paths: Sequence[str]) -> Delivery:
-        """Count this delivery of the message and find which of its paths still need a record."""
-        key = keys.deliveries(message_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(key, "count", 1)
-        pipe.hget(key, "error")
-        pipe.expire(key, self.ttl_seconds)
-        pipe.exists(keys.job(job_id))
-        if paths:
-            pipe.hmget(keys.job_results(job_id), list(paths))
-        replies = pipe.execute()
-        count, error, _, exists = replies[:4]
-        existing = replies[4] if paths else []
-        todo = [path for path, record in zip(paths, existing, strict=True) if record is None]
-        return Delivery(int(count), as_text(error), bool(exists), todo)
-
-    def note_failure(self, message_id: str, error: str) -> None:
-        """Remember why this delivery failed: the dead-letter entry says so if the message never succeeds."""
-        key = keys.deliveries(message_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, "error", error[:2000])
-        pipe.expire(key, self.ttl_seconds)
-        pipe.execute()
-
-    def forget(self, message_id: str, job_id: str) -> None:
-        """The message is complete (every path has a record): drop its delivery counter and pending entry."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(keys.deliveries(message_id))
-        pipe.hdel(keys.job_pending(job_id), message_id)
-        pipe.execute()
 
     def write(
         self,

@@ -1,4 +1,4 @@
-"""The one Celery task, a thin wrapper around the worker's pipeline."""
+"""The one Celery task, a thin wrapper around the worker's pipeline: validate, run, give back on failure."""
 
 from __future__ import annotations
 
@@ -9,24 +9,40 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from imgpipe import keys
-from imgpipe.worker.pipeline import Pipeline
+from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
+from imgpipe.worker import metrics
+from imgpipe.worker.pipeline import GiveBack, Pipeline
 
 log = logging.getLogger(__name__)
 
 
-def register(app: Celery, pipeline: Pipeline) -> Task:
+def message_version(request: Any) -> Any:
+    """The ``imgpipe_v`` header of the message being run (None: version 1)."""
+    headers = getattr(request, "headers", None)
+    if isinstance(headers, dict) and VERSION_HEADER in headers:
+        return headers[VERSION_HEADER]
+    return getattr(request, VERSION_HEADER, None)
+
+
+def register(app: Celery, pipeline: Pipeline, limits: Limits) -> Task:
     """Register ``imgpipe.classify_chunk`` on ``app``, running ``pipeline`` (one per process)."""
 
     @app.task(name=keys.TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def classify_chunk(self: Task, job_id: Any, paths: Any) -> int:
+    def classify_chunk(self: Task, *args: Any, **kwargs: Any) -> int:
         """Classify one message's paths and write their records; Celery acknowledges when this returns."""
-        if not (isinstance(job_id, str) and isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
-            raise Reject("malformed message: expected args [job_id: str, paths: list[str]]", requeue=False)
         try:
-            return pipeline.process(self.request.id, job_id, paths)
-        except Exception as exc:  # give it back; after IMGPIPE_MAX_DELIVERIES starts it is dead-lettered
+            message = parse(args, kwargs, message_version(self.request), limits)
+        except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
+            metrics.REFUSED.labels(reason=exc.reason).inc()
+            log.error("message %s refused (%s): %s; dropped", self.request.id, exc.reason, exc.detail)
+            return 0
+        try:
+            return pipeline.process(self.request.id, message)
+        except GiveBack as exc:
+            raise Reject(str(exc), requeue=True) from exc
+        except Exception as exc:  # give it back; charged only if it ran alone (docs/reliability.md)
             log.warning("message %s failed, giving it back: %s: %s", self.request.id, exc.__class__.__name__, exc)
-            pipeline.failed(self.request.id, exc)
+            pipeline.failed(self.request.id, message.job_id, exc)
             raise Reject(str(exc), requeue=True) from exc
 
     return classify_chunk

@@ -1,0 +1,347 @@
+"""Leases per message id and the reconciler that re-sends expired and lost messages (docs/reliability.md).
+
+A worker takes a message's lease in the Lua call that begins it, renews it with its heartbeat, marks it
+``working`` when its images enter decode and inference, and drops it once the message's records are written.
+The reconciler (every worker runs it, one at a time; ``imgpipe reconcile JOB`` by hand) re-sends messages whose
+lease expired and messages that exist nowhere (the queue's watermark has passed them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from imgpipe import defaults, keys
+from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text
+from imgpipe.messages import SENT_HEADER
+
+log = logging.getLogger(__name__)
+
+LOST = "the worker stopped while processing it alone (killed, crashed or lost its connection)"
+
+# What happens to a lease that ends without success (expired, or its batch failed): a message that was working
+# alone is charged one delivery; one that was working beside others becomes a suspect (it runs alone next
+# time); a message only held (waiting for a work slot) is charged nothing.
+_RULE_LUA = (
+    """
+local function now_seconds()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local LOST_TEXT = 'the worker stopped while processing it alone (killed, crashed or lost; its lease expired)'
+local function end_lease(d, why)
+  local v = redis.call('HMGET', d, 'state', 'alone')
+  if v[1] == 'working' then
+    if v[2] == '1' then
+      redis.call('HINCRBY', d, 'count', 1)
+      redis.call('HSET', d, 'error', why)
+    else
+      redis.call('HSET', d, 'suspect', '1')
+    end
+  end
+  redis.call('HDEL', d, 'owner', 'state', 'alone')
+end
+"""
+    + FINISH_IF_COMPLETE_LUA
+)
+
+# KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
+# Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
+# {1, count, error, suspect, roots JSON, recorded(0/1) per path}.
+BEGIN_LUA = (
+    _RULE_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local d, now = KEYS[3], now_seconds()
+local owner = redis.call('HGET', d, 'owner')
+local expiry = redis.call('ZSCORE', KEYS[4], ARGV[1])
+if owner and expiry and tonumber(expiry) > now then return {2} end
+if owner then end_lease(d, LOST_TEXT) end
+redis.call('HSET', d, 'owner', ARGV[2], 'state', 'held', 'job', ARGV[4])
+redis.call('EXPIRE', d, ARGV[5])
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
+local v = redis.call('HMGET', d, 'count', 'error', 'suspect')
+local out = {1, v[1] or '0', v[2] or '', v[3] or '0', redis.call('HGET', KEYS[1], 'roots') or ''}
+for i = 6, #ARGV do out[#out + 1] = redis.call('HEXISTS', KEYS[2], ARGV[i]) end
+return out
+"""
+)
+
+# KEYS: leases zset, pending hash of the job. ARGV: message id, owner, failure text ('' : no failure), now.
+# Ends this owner's lease (charging or marking a failure by the rule) and dates the pending entry now.
+GIVE_BACK_LUA = (
+    _RULE_LUA
+    + """
+local d = ARGV[5]
+if redis.call('HGET', d, 'owner') ~= ARGV[2] then return 0 end
+if ARGV[3] ~= '' then end_lease(d, ARGV[3]) else redis.call('HDEL', d, 'owner', 'state', 'alone') end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if entry then
+  local ok, decoded = pcall(cjson.decode, entry)
+  if ok and type(decoded) == 'table' then
+    decoded['at'] = tonumber(ARGV[4])
+    redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(decoded))
+  end
+end
+return 1
+"""
+)
+
+# KEYS: leases zset. ARGV: limit, deliveries key prefix. Ends every expired lease (by the rule) and returns
+# {message id, job id, ...} of those ended.
+EXPIRE_LUA = (
+    _RULE_LUA
+    + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_seconds(), 'LIMIT', 0, tonumber(ARGV[1]))
+local out = {}
+for _, mid in ipairs(ids) do
+  local d = ARGV[2] .. mid
+  end_lease(d, LOST_TEXT)
+  redis.call('ZREM', KEYS[1], mid)
+  out[#out + 1] = mid
+  out[#out + 1] = redis.call('HGET', d, 'job') or ''
+end
+return out
+"""
+)
+
+# KEYS: leases zset. ARGV: lease ttl, message ids... Renews the expiry of leases that still exist.
+RENEW_LUA = (
+    _RULE_LUA
+    + """
+local expiry = now_seconds() + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+return 1
+"""
+)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What Redis says about one message as a worker begins it."""
+
+    state: str  # "ok", "no_job" or "duplicate"
+    count: int = 0  # deliveries charged so far
+    last_error: str | None = None
+    suspect: bool = False  # runs alone: it was working beside others when its worker died or its batch failed
+    roots: list[str] | None = None  # the job's roots (None: not recorded)
+    todo: tuple[int, ...] = ()  # indices of the message's paths that have no record yet
+
+
+def worker_id() -> str:
+    return f"imgpipe-{os.getpid()}@{socket.gethostname()}"
+
+
+class Leases:
+    """A worker process's side of the leases: begin, working mark, renew, give back, finish."""
+
+    def __init__(self, client: redis.Redis, owner: str, lease_ttl: float, key_ttl: int) -> None:
+        self.client = client
+        self.owner = owner
+        self.lease_ttl = lease_ttl
+        self.key_ttl = key_ttl
+        self.held: set[str] = set()  # message ids whose lease this process holds
+        self._begin = client.register_script(BEGIN_LUA)
+        self._give_back = client.register_script(GIVE_BACK_LUA)
+        self._renew = client.register_script(RENEW_LUA)
+
+    def begin(self, message_id: str, job_id: str, paths: Sequence[str]) -> Begun:
+        if message_id in self.held:
+            return Begun("duplicate")
+        reply = self._begin(
+            keys=[keys.job(job_id), keys.job_results(job_id), keys.deliveries(message_id), keys.LEASES],
+            args=[message_id, self.owner, self.lease_ttl, job_id, self.key_ttl, *paths],
+        )
+        code = int(reply[0])
+        if code == 0:
+            return Begun("no_job")
+        if code == 2:
+            return Begun("duplicate")
+        self.held.add(message_id)
+        roots_raw = as_text(reply[4])
+        try:
+            roots = json.loads(roots_raw) if roots_raw else None
+        except ValueError:
+            roots = None
+        return Begun(
+            "ok",
+            count=int(reply[1]),
+            last_error=as_text(reply[2]) or None,
+            suspect=as_text(reply[3]) == "1",
+            roots=[str(r) for r in roots] if isinstance(roots, list) else None,
+            todo=tuple(i for i, recorded in enumerate(reply[5:]) if not int(recorded)),
+        )
+
+    def working(self, message_id: str, alone: bool) -> None:
+        """Mark the message's images as entering decode and inference (what a crash now charges)."""
+        self.client.hset(keys.deliveries(message_id), mapping={"state": "working", "alone": "1" if alone else "0"})
+
+    def give_back(self, message_id: str, job_id: str, failure: str = "") -> None:
+        """End this lease without success; ``failure`` applies the charging rule (empty: charge nothing)."""
+        self.held.discard(message_id)
+        self._give_back(
+            keys=[keys.LEASES, keys.job_pending(job_id)],
+            args=[message_id, self.owner, failure[:2000], time.time(), keys.deliveries(message_id)],
+        )
+
+    def finish(self, message_id: str, job_id: str) -> None:
+        """Every path of the message has a record: drop its lease, counter and pending entry."""
+        self.held.discard(message_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(keys.deliveries(message_id))
+        pipe.zrem(keys.LEASES, message_id)
+        pipe.hdel(keys.job_pending(job_id), message_id)
+        pipe.execute()
+
+    def release(self, message_id: str) -> None:
+        """Forget a lease locally only (a duplicate or a message with no job)."""
+        self.held.discard(message_id)
+
+    def renew(self) -> None:
+        """Push the expiry of every lease this process holds (called by the heartbeat)."""
+        held = list(self.held)
+        for start in range(0, len(held), 1000):
+            self._renew(keys=[keys.LEASES], args=[self.lease_ttl, *held[start : start + 1000]])
+
+
+# kombu's Redis transport's keys for messages taken and not yet acknowledged (all queues of the database).
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+Resend = Callable[[str, list[str], str], None]  # (job id, paths, message id)
+
+
+def queue_watermark(client: redis.Redis, queue: str) -> float | None:
+    """Send time of the oldest message still queued (the next to be taken); now when the queue is empty.
+
+    None when the oldest message does not say when it was sent (a version 1 message): no lost-message check.
+    """
+    raw = client.lindex(queue, -1)
+    if raw is None:
+        return time.time()
+    try:
+        message = json.loads(raw)
+        sent = message["headers"].get(SENT_HEADER)
+        return float(sent) if sent is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+class Reconciler:
+    """Re-sends messages whose lease expired and messages lost from the queue (one pass: ``run_once``)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        resend: Resend,
+        grace_s: float = defaults.LOST_GRACE_S,
+        owner: str | None = None,
+    ) -> None:
+        self.client = client
+        self.queue = queue
+        self.resend = resend
+        self.grace_s = grace_s
+        self.owner = owner or worker_id()
+        self._expire = client.register_script(EXPIRE_LUA)
+
+    def run_once(self, job_id: str | None = None, lock_s: float | None = None) -> dict[str, int]:
+        """One pass; with ``lock_s``, only if no other worker ran one in the last ``lock_s`` seconds."""
+        if lock_s is not None and not self.client.set(
+            keys.SWEEP_LOCK, self.owner, nx=True, px=max(1, int(lock_s * 1000))
+        ):
+            return {"expired": 0, "lost": 0}
+        return {"expired": self.expired(), "lost": self.lost(job_id)}
+
+    def expired(self, limit: int = 1000) -> int:
+        reply = self._expire(keys=[keys.LEASES], args=[limit, keys.deliveries("")])
+        resent: set[str] = set()
+        for i in range(0, len(reply), 2):
+            message_id, job_id = as_text(reply[i]) or "", as_text(reply[i + 1]) or ""
+            if job_id and self._resend_pending(job_id, message_id):
+                resent.add(message_id)
+        if resent:
+            log.warning("re-sent %d messages whose worker stopped (lease expired)", len(resent))
+            self._forget_unacked(resent)
+        return len(resent)
+
+    def _forget_unacked(self, message_ids: set[str]) -> None:
+        """Drop the dead worker's copies of re-sent messages from kombu's unacknowledged set.
+
+        Else kombu restores them after the visibility timeout (an hour by default), only for the lease check
+        to drop them then. Racing kombu's own restore is harmless here: the message has been sent again.
+        """
+        tags = []
+        for tag, raw in self.client.hscan_iter(KOMBU_UNACKED, count=500):
+            try:
+                message_id = json.loads(raw)[0]["headers"]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if message_id in message_ids:
+                tags.append(tag)
+        if tags:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(KOMBU_UNACKED, *tags)
+            pipe.zrem(KOMBU_UNACKED_INDEX, *tags)
+            pipe.execute()
+
+    def lost(self, job_id: str | None = None) -> int:
+        watermark = queue_watermark(self.client, self.queue)
+        if watermark is None:
+            return 0
+        cutoff = watermark - self.grace_s
+        jobs = [job_id] if job_id else [as_text(j) or "" for j in self.client.smembers(keys.PENDING_JOBS)]
+        resent = 0
+        for job in jobs:
+            pending = self.client.hgetall(keys.job_pending(job))
+            if not pending:
+                if not job_id:
+                    self.client.srem(keys.PENDING_JOBS, job)
+                continue
+            ids = [as_text(m) or "" for m in pending]
+            scores = self.client.zmscore(keys.LEASES, ids)
+            for message_id, raw, score in zip(ids, pending.values(), scores, strict=True):
+                if score is not None:
+                    continue
+                entry = _entry(raw)
+                if entry is None or float(entry.get("at", 0)) > cutoff:
+                    continue
+                if self._resend_entry(job, message_id, entry):
+                    resent += 1
+            if not self.client.exists(keys.job(job)):
+                self.client.delete(keys.job_pending(job))
+        if resent:
+            log.warning("re-sent %d messages lost from the queue", resent)
+        return resent
+
+    def _resend_pending(self, job_id: str, message_id: str) -> bool:
+        entry = _entry(self.client.hget(keys.job_pending(job_id), message_id))
+        return entry is not None and self._resend_entry(job_id, message_id, entry)
+
+    def _resend_entry(self, job_id: str, message_id: str, entry: dict[str, Any]) -> bool:
+        paths = entry.get("paths")
+        if not isinstance(paths, list):
+            return False
+        entry["at"] = time.time()
+        self.client.hset(keys.job_pending(job_id), message_id, json.dumps(entry))
+        self.resend(job_id, [str(p) for p in paths], message_id)
+        return True
+
+
+def _entry(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
