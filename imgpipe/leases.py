@@ -194,10 +194,14 @@ class Leases:
         )
 
     def finish(self, message_id: str, job_id: str) -> None:
-        """Every path of the message has a record: drop its lease, counter and pending entry."""
+        """Every path of the message has a record: drop its lease and pending entry, mark it done for a while
+        (so that the reconciler can drop copies a dead worker left unacknowledged)."""
         self.held.discard(message_id)
+        key = keys.deliveries(message_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(keys.deliveries(message_id))
+        pipe.hdel(key, "owner", "state", "alone", "suspect", "count", "error")
+        pipe.hset(key, "done", "1")
+        pipe.expire(key, DONE_TTL_S)
         pipe.zrem(keys.LEASES, message_id)
         pipe.hdel(keys.job_pending(job_id), message_id)
         pipe.execute()
@@ -216,6 +220,8 @@ class Leases:
 # kombu's Redis transport's keys for messages taken and not yet acknowledged (all queues of the database).
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+# Seconds a finished message stays marked done (long enough for the reconciler to see a dead worker's copy).
+DONE_TTL_S = 600
 
 Resend = Callable[[str, list[str], str], None]  # (job id, paths, message id)
 
@@ -271,28 +277,33 @@ class Reconciler:
                 resent.add(message_id)
         if resent:
             log.warning("re-sent %d messages whose worker stopped (lease expired)", len(resent))
-            self._forget_unacked(resent)
+        if reply:
+            self.forget_unacked(resent)
         return len(resent)
 
-    def _forget_unacked(self, message_ids: set[str]) -> None:
-        """Drop the dead worker's copies of re-sent messages from kombu's unacknowledged set.
+    def forget_unacked(self, resent: set[str]) -> int:
+        """Drop a dead worker's copies of re-sent or finished messages from kombu's unacknowledged set.
 
         Else kombu restores them after the visibility timeout (an hour by default), only for the lease check
-        to drop them then. Racing kombu's own restore is harmless here: the message has been sent again.
+        to drop them then. Racing kombu's own restore is harmless here: each was sent again or is done.
         """
-        tags = []
+        entries = []
         for tag, raw in self.client.hscan_iter(KOMBU_UNACKED, count=500):
             try:
-                message_id = json.loads(raw)[0]["headers"]["id"]
+                entries.append((tag, str(json.loads(raw)[0]["headers"]["id"])))
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
-            if message_id in message_ids:
-                tags.append(tag)
+        pipe = self.client.pipeline(transaction=False)
+        for _, message_id in entries:
+            pipe.hget(keys.deliveries(message_id), "done")
+        done = pipe.execute() if entries else []
+        tags = [tag for (tag, mid), flag in zip(entries, done, strict=True) if mid in resent or flag == b"1"]
         if tags:
             pipe = self.client.pipeline(transaction=False)
             pipe.hdel(KOMBU_UNACKED, *tags)
             pipe.zrem(KOMBU_UNACKED_INDEX, *tags)
             pipe.execute()
+        return len(tags)
 
     def lost(self, job_id: str | None = None) -> int:
         watermark = queue_watermark(self.client, self.queue)

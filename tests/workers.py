@@ -79,3 +79,148 @@ def histogram(text: str, name: str) -> dict[str, Any]:
             elif sample.name == f"{name}_sum":
                 result["sum"] = sample.value
     return result
+
+
+class OpenWatch:
+    """inotify IN_OPEN on folders (libc through ctypes): proves that no file in them is ever opened."""
+
+    IN_OPEN = 0x20
+    IN_NONBLOCK = 0o4000
+
+    def __init__(self, folders: list[Path]) -> None:
+        import ctypes
+        import ctypes.util
+
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self.fd = self._libc.inotify_init1(self.IN_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        for folder in folders:
+            if self._libc.inotify_add_watch(self.fd, bytes(folder), self.IN_OPEN) < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
+        self.opens = 0
+
+    def poll(self) -> int:
+        """Opens seen so far (reads the pending events)."""
+        import os
+
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return self.opens
+            offset = 0
+            while offset < len(data):  # struct inotify_event: wd, mask, cookie, len, name[len]
+                mask = int.from_bytes(data[offset + 4 : offset + 8], "little")
+                length = int.from_bytes(data[offset + 12 : offset + 16], "little")
+                if mask & self.IN_OPEN:
+                    self.opens += 1
+                offset += 16 + length
+
+    def wait_open(self, timeout: float) -> bool:
+        """Block until an open event arrives (True) or ``timeout`` passes (False)."""
+        import select
+
+        before = self.opens
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready) and self.poll() > before
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
+def send_raw(redis_url: str, args: Any, message_id: str, headers: dict[str, Any] | None = None) -> None:
+    """Publish an ``imgpipe.classify_chunk`` message exactly as given (JSON), as any other client could."""
+    from kombu import Connection
+
+    with Connection(redis_url) as conn:
+        conn.Producer().publish(
+            [args, {}, {"callbacks": None, "errbacks": None, "chain": None}],
+            routing_key="imgpipe",
+            exchange="",
+            serializer="json",
+            headers={
+                "lang": "py",
+                "task": keys.TASK_CLASSIFY,
+                "id": message_id,
+                "root_id": message_id,
+                "parent_id": None,
+                "group": None,
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                **(headers or {}),
+            },
+        )
+
+
+def assert_exactly_once(client: redis.Redis, job_id: str, inputs: set[str]) -> dict[str, dict[str, Any]]:
+    """The promise: one record per input and nothing else, counters that add up, no leftovers in the queue."""
+    import json
+
+    from imgpipe.jobs import iter_records
+
+    records = list(iter_records(client, job_id))
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)), "a path has two records"
+    assert set(paths) == inputs
+    job = {k.decode(): v.decode() for k, v in client.hgetall(keys.job(job_id)).items()}
+    assert int(job["done"]) + int(job["failed"]) == int(job["total"]) == len(inputs)
+    assert not [e for e in (json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)) if e["job"] == job_id]
+    try:
+        wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue and unacked empty")
+    except Exception as exc:
+        left = [json.loads(m)["headers"]["id"] for m in client.lrange("imgpipe", 0, -1)]
+        unacked = [json.loads(m)[0]["headers"]["id"] for m in client.hvals("unacked")]
+        raise AssertionError(
+            f"{exc}: queued {left[:5]} ({len(left)}), unacked {unacked[:5]} ({len(unacked)})"
+        ) from None
+    return {r["path"]: r for r in records}
+
+
+class AofRedis:
+    """A redis-server with AOF `always` on a fixed port and folder, that a test can kill -9 and start again."""
+
+    def __init__(self, folder: Path) -> None:
+        from imgpipe.scratch_redis import find_redis_server, free_port
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.binary = find_redis_server() or "redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping()) and client.info("persistence").get("loading") == 0
+            except redis.RedisError:
+                return False
+
+        wait_until(up, 30, f"redis-server on port {self.port}")
+        client.close()
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def __enter__(self) -> AofRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -1,0 +1,351 @@
+"""The fault suite (issue 8): real Redis, real `imgpipe worker` processes, real files, bounded time.
+
+Each case asserts the promise at the end: one record per input and no other, `done + failed == total`, nothing
+good dead-lettered, the queue and kombu's unacknowledged set empty. Counts are modest (hundreds to two thousand
+16x16 images) so that the suite runs in minutes on two shared cores; the soak test (marker `soak`) goes bigger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from imgpipe import keys
+from imgpipe.jobs import create_job, iter_records, seal_job
+from imgpipe.paths import path_text
+from imgpipe.procs import wait_until
+from imgpipe.producer.enqueue import enqueue_paths
+from imgpipe.settings import RedisSettings
+from tests.conftest import cli_env, run_cli
+from tests.images import digit_like
+from tests.workers import OpenWatch, Workers, assert_exactly_once, scrape, send_raw, wait_for_job
+
+TTL = 3600
+
+
+def _small(folder: Path, count: int, prefix: str = "img") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:05d}.png"
+        digit_like(i, 16).save(path)
+        paths.append(path)
+    return paths
+
+
+def _job(client: redis.Redis, redis_url: str, paths: list[str], roots: list[str], chunk_size: int = 32) -> str:
+    job_id = create_job(client, None, kind="batch", roots=roots, ttl_seconds=TTL)
+    enqueue_paths(client, RedisSettings(url=redis_url), job_id, paths, chunk_size=chunk_size)
+    seal_job(client, job_id)
+    return job_id
+
+
+def _done(client: redis.Redis, job_id: str) -> int:
+    done, failed = client.hmget(keys.job(job_id), ["done", "failed"])
+    return int(done or 0) + int(failed or 0)
+
+
+def test_names_are_bytes_one_record_each_and_classify_writes_them(tmp_path: Path, redis_url: str, client: redis.Redis):
+    data = tmp_path / "data"
+    good = _small(data, 4)
+    odd = {
+        "latin1": os.fsencode(str(data)) + b"/caf\xe9.png",
+        "newline": os.fsencode(str(data)) + b"/two\nlines.png",
+        "backslash": os.fsencode(str(data)) + b"/back\\x41slash.png",
+    }
+    for raw in odd.values():
+        with open(raw, "wb") as fh:
+            fh.write(good[0].read_bytes())
+    inputs = [str(p) for p in good] + [os.fsdecode(raw) for raw in odd.values()]
+    texts = {path_text(p) for p in inputs}
+    assert path_text(os.fsdecode(odd["latin1"])).endswith("/caf\\xe9.png")
+
+    # In-process: JSONL and CSV both written, one record per file, every one labelled.
+    for suffix in ("jsonl", "csv"):
+        out = tmp_path / f"x.{suffix}"
+        result = run_cli("classify", str(data), "-o", str(out), env=cli_env())
+        assert result.returncode == 0, result.stderr
+        if suffix == "jsonl":
+            records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+            assert {r["path"] for r in records} == texts and {r["status"] for r in records} == {"ok"}
+
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data))
+    with Workers(tmp_path, env) as workers:
+        workers.start()
+        job_id = _job(client, redis_url, inputs, [str(data)], chunk_size=2)
+        wait_for_job(client, job_id, timeout=60, workers=workers)
+        records = assert_exactly_once(client, job_id, texts)
+        assert {r["status"] for r in records.values()} == {"ok"}, records
+        result = run_cli("results", job_id, "-o", str(tmp_path / "r.csv"), env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+        assert result.returncode == 0, result.stderr
+
+
+def test_special_files_hard_links_and_a_swapped_parent_never_open_anything_outside(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    images = _small(root / "d" / "sub", 300)
+    secrets = _small(outside / "sub", 300)  # same names: a swapped parent would lead straight to them
+    os.mkfifo(root / "fifo.png")
+    os.link(secrets[0], root / "hardlink.png")
+    special = {str(root / "fifo.png"): "not_regular", str(root / "hardlink.png"): "not_allowed"}
+    try:
+        os.mknod(root / "device.png", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+        special[str(root / "device.png")] = "not_regular"
+    except PermissionError:
+        pass  # no CAP_MKNOD here: the FIFO covers non-regular files
+    watch = OpenWatch([outside, outside / "sub"])
+    stop = threading.Event()
+
+    def swap() -> None:  # the parent directory becomes a symlink to the outside, and back, in a loop
+        real, aside = root / "d", root / "d.aside"
+        while not stop.is_set():
+            os.rename(real, aside)
+            os.symlink(outside, real)
+            time.sleep(0.0005)
+            os.unlink(real)
+            os.rename(aside, real)
+            time.sleep(0.0005)
+
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(root))
+    swapper = threading.Thread(target=swap, daemon=True)
+    try:
+        with Workers(tmp_path, env) as workers:
+            workers.start()
+            swapper.start()
+            inputs = [str(p) for p in images] + list(special)
+            job_id = _job(client, redis_url, inputs, [str(root)], chunk_size=8)
+            wait_for_job(client, job_id, timeout=90, workers=workers)
+            stop.set()
+            swapper.join(5)
+            records = assert_exactly_once(client, job_id, set(inputs))
+    finally:
+        stop.set()
+        swapper.join(5)
+        opens = watch.poll()
+        watch.close()
+    assert opens == 0, f"{opens} opens of files outside the root"
+    assert {p: records[p].get("reason") for p in special} == special
+    reasons = {r.get("reason") for p, r in records.items() if p not in special}
+    assert reasons <= {None, "not_found", "not_allowed"}, reasons  # ok, or refused while swapped
+    assert {r["status"] for r in records.values()} >= {"ok"}
+
+
+def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    good = [str(p) for p in _small(data, 6)]
+    victim = create_job(client, "victim", kind="batch", roots=[str(data)], ttl_seconds=TTL)
+    client.hincrby(keys.job(victim), "total", 5)  # the five paths of the two valid messages below
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_METRICS_PORT="0")
+    with Workers(tmp_path, env) as workers:
+        worker = workers.start()
+        port = int(worker.wait_ready() or 0)
+        client.lpush("imgpipe", "hello")  # not a kombu message at all
+        client.lpush("imgpipe", b"\xff\xfe not even UTF-8")
+        client.lpush("imgpipe", "[1, 2, 3]")  # JSON, not a message
+        send_raw(redis_url, [f"{victim}:results", [good[0]]], "inject-1")  # a job id that names another key
+        send_raw(redis_url, [victim, ["/x" * 30] * 5000], "big-1")  # too many paths
+        send_raw(redis_url, [victim, "not a list"], "schema-1")
+        send_raw(redis_url, [victim, [good[0]]], "future-1", {"imgpipe_v": 99})
+        # Both versions in one queue: v1 (no header, plain paths), v2 (header, escaped), and paths that must
+        # each get their own error record: a NUL, a relative path, a path outside the job's roots.
+        send_raw(redis_url, [victim, [good[0], "relative.png"]], "v1-1")
+        send_raw(redis_url, [victim, [good[1], "/etc/passwd", good[2] + "\0.png"]], "v2-1", {"imgpipe_v": 2})
+        seal_job(client, victim)
+        job = wait_for_job(client, victim, timeout=60, workers=workers)
+        assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (5, 2, 3)
+        records = {r["path"]: r for r in iter_records(client, victim)}
+        assert {p: r.get("reason") for p, r in records.items()} == {
+            good[0]: None,
+            good[1]: None,
+            "relative.png": "not_allowed",
+            "/etc/passwd": "not_allowed",
+            good[2] + "\0.png": "not_allowed",
+        }
+        assert not client.hexists(keys.job_results(victim), "done")  # no counters written into its results
+        wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue empty")
+        text = scrape(port)
+        for reason, count in {"junk": 3, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
+            assert f'imgpipe_messages_refused_total{{reason="{reason}"}} {float(count)}' in text, (reason, text)
+        assert worker.proc.poll() is None
+        other = _job(client, redis_url, good, [str(data)])  # still serving
+        wait_for_job(client, other, timeout=60, workers=workers)
+        result = run_cli("results", victim, env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+        assert result.returncode == 0 and len(result.stdout.splitlines()) == 5, result.stderr
+
+
+def test_kill9_mid_job_then_a_new_worker_finishes_within_a_minute_with_default_settings(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    inputs = {str(p) for p in _small(data, 2000)}
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data))
+    with Workers(tmp_path, env) as workers:
+        first = workers.start()
+        job_id = _job(client, redis_url, sorted(inputs), [str(data)])
+        wait_until(lambda: _done(client, job_id) >= 200 or None, 120, "some records written")
+        first.kill9()
+        assert _done(client, job_id) < len(inputs), "finished before the kill: nothing to recover"
+        workers.start()
+        wait_for_job(client, job_id, timeout=60, workers=workers)  # within 60 s of the kill, defaults
+        assert_exactly_once(client, job_id, inputs)
+
+
+def test_sigterm_gives_back_what_was_not_started_and_another_worker_finishes(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    inputs = {str(p) for p in _small(data, 1500)}
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_MAX_BATCH="16")
+    with Workers(tmp_path, env) as workers:
+        first = workers.start()
+        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=8)  # 188 messages: 32 held
+        wait_until(lambda: _done(client, job_id) >= 50 or None, 120, "some records written")
+        assert first.stop() == 0
+        left = len(inputs) - _done(client, job_id)
+        assert left > 0, "finished before SIGTERM"
+        assert client.zcard(keys.LEASES) == 0 and client.hlen("unacked") == 0  # nothing held by the stopped one
+        assert client.llen("imgpipe") * 8 >= left  # every unfinished message is back in the queue
+        workers.start()
+        wait_for_job(client, job_id, timeout=90, workers=workers)
+        assert_exactly_once(client, job_id, inputs)
+
+
+def test_a_deleted_queue_is_found_and_sent_again_while_other_jobs_keep_workers_busy(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    first_inputs = {str(p) for p in _small(data / "a", 1000)}
+    busy_inputs = [str(p) for p in _small(data / "b", 3000)]
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_PREFETCH="4")
+    with Workers(tmp_path, env) as workers:
+        workers.start()
+        job_id = _job(client, redis_url, sorted(first_inputs), [str(data)])
+        wait_until(lambda: _done(client, job_id) >= 64 or None, 120, "some records written")
+        client.delete("imgpipe")  # every queued message of the job is gone
+        assert _done(client, job_id) < len(first_inputs)
+        stop = threading.Event()
+
+        def keep_busy() -> None:  # steady load: new messages keep arriving behind the lost ones
+            for start in range(0, len(busy_inputs), 100):
+                if stop.is_set():
+                    return
+                _job(client, redis_url, busy_inputs[start : start + 100], [str(data)])
+                time.sleep(0.5)
+
+        feeder = threading.Thread(target=keep_busy, daemon=True)
+        feeder.start()
+        try:
+            wait_for_job(client, job_id, timeout=60, workers=workers)
+        finally:
+            stop.set()
+            feeder.join(30)
+        records = [r["path"] for r in iter_records(client, job_id)]  # the other jobs may still be queued
+        assert len(records) == len(set(records)) and set(records) == first_inputs
+        job = {k.decode(): v.decode() for k, v in client.hgetall(keys.job(job_id)).items()}
+        assert (int(job["done"]), int(job["failed"])) == (len(first_inputs), 0)
+        assert "messages lost from the queue" in workers.logs()
+
+
+def test_a_poison_message_that_kills_its_worker_each_time_is_the_only_one_dead_lettered(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    inputs = [str(p) for p in _small(data / "good", 400)]
+    poison = _small(data / "poison", 1, prefix="poison")[0]
+    all_inputs = [*inputs[:200], str(poison), *inputs[200:]]
+    watch = OpenWatch([poison.parent])
+    env = cli_env(
+        IMGPIPE_REDIS_URL=redis_url,
+        IMGPIPE_ALLOWED_ROOTS=str(data),
+        IMGPIPE_LEASE_TTL="3",
+        IMGPIPE_MAX_DELIVERIES="2",
+    )
+    try:
+        with Workers(tmp_path, env) as workers:
+            job_id = _job(client, redis_url, all_inputs, [str(data)], chunk_size=8)
+            kills = 0
+            while not client.hget(keys.job(job_id), "finished"):
+                worker = workers.start()
+                deadline = time.monotonic() + 90
+                while worker.proc.poll() is None and not client.hget(keys.job(job_id), "finished"):
+                    assert time.monotonic() < deadline, workers.logs()
+                    if watch.wait_open(0.2):  # the poison image is being read: it "crashes" its worker
+                        worker.kill9()
+                        kills += 1
+                if client.hget(keys.job(job_id), "finished"):
+                    break
+                assert kills <= 6, workers.logs()
+                time.sleep(3)  # the restart delay of a supervisor
+            dead = [json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)]
+            assert [d["paths"] for d in dead] == [[str(poison)]], dead
+            records = {r["path"]: r for r in iter_records(client, job_id)}
+            assert records[str(poison)]["reason"] == "dead_letter"
+            assert {records[p]["status"] for p in inputs} == {"ok"}
+            assert len(records) == len(all_inputs)
+    finally:
+        watch.close()
+
+
+def test_large_jpegs_with_a_short_time_limit_are_never_dead_lettered(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (900, 900, 3), dtype=np.uint8))
+    inputs = set()
+    for i in range(60):
+        path = data / f"big{i:03d}.jpg"
+        noise.save(path, quality=95)
+        inputs.add(str(path))
+    env = cli_env(
+        IMGPIPE_REDIS_URL=redis_url,
+        IMGPIPE_ALLOWED_ROOTS=str(data),
+        IMGPIPE_VISIBILITY_TIMEOUT="1",  # a time limit of 1 s per message of 60 large images
+        IMGPIPE_DECODE_THREADS="1",
+        IMGPIPE_MAX_BATCH="4",
+    )
+    with Workers(tmp_path, env) as workers:
+        workers.start()
+        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=60)
+        wait_for_job(client, job_id, timeout=120, workers=workers)
+        records = assert_exactly_once(client, job_id, inputs)
+        assert {r["status"] for r in records.values()} == {"ok"}
+        assert "not classified within" in workers.logs()  # it was slow, given back, and went on where it was
+
+
+@pytest.mark.parametrize("restarts", [3])
+def test_redis_kill9_and_restart_with_aof_always_workers_resume_by_themselves(tmp_path: Path, restarts: int) -> None:
+    from tests.workers import AofRedis
+
+    data = tmp_path / "data"
+    inputs = {str(p) for p in _small(data, 1500)}
+    with AofRedis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        env = cli_env(IMGPIPE_REDIS_URL=server.url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_MAX_BATCH="16")
+        with Workers(tmp_path, env) as workers:
+            worker = workers.start()
+            job_id = _job(client, server.url, sorted(inputs), [str(data)], chunk_size=8)
+            for i in range(restarts):
+                target = (i + 1) * len(inputs) // (restarts + 2)
+                wait_until(lambda t=target: _done(client, job_id) >= t or None, 120, "progress")  # type: ignore[misc]
+                server.kill9()
+                time.sleep(1)
+                server.start()
+            wait_for_job(client, job_id, timeout=120, workers=workers)
+            assert worker.proc.poll() is None, workers.logs()
+            assert_exactly_once(client, job_id, inputs)
+        client.close()
