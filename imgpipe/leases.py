@@ -38,16 +38,17 @@ local function now_seconds()
 end
 local LOST_TEXT = 'the worker stopped while processing it alone (killed, crashed or lost; its lease expired)'
 local function end_lease(d, why)
-  local v = redis.call('HMGET', d, 'state', 'alone')
+  local v = redis.call('HMGET', d, 'state', 'alone', 'current')
   if v[1] == 'working' then
     if v[2] == '1' then
       redis.call('HINCRBY', d, 'count', 1)
       redis.call('HSET', d, 'error', why)
+      if v[3] then redis.call('HSET', d, 'culprit', v[3]) end
     else
       redis.call('HSET', d, 'suspect', '1')
     end
   end
-  redis.call('HDEL', d, 'owner', 'state', 'alone')
+  redis.call('HDEL', d, 'owner', 'state', 'alone', 'current')
 end
 """
     + FINISH_IF_COMPLETE_LUA
@@ -55,7 +56,7 @@ end
 
 # KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
 # Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
-# {1, count, error, suspect, roots JSON, recorded(0/1) per path}.
+# {1, count, error, suspect, roots JSON, culprit, recorded(0/1) per path}.
 BEGIN_LUA = (
     _RULE_LUA
     + """
@@ -68,8 +69,8 @@ if owner then end_lease(d, LOST_TEXT) end
 redis.call('HSET', d, 'owner', ARGV[2], 'state', 'held', 'job', ARGV[4])
 redis.call('EXPIRE', d, ARGV[5])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
-local v = redis.call('HMGET', d, 'count', 'error', 'suspect')
-local out = {1, v[1] or '0', v[2] or '', v[3] or '0', redis.call('HGET', KEYS[1], 'roots') or ''}
+local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
+local out = {1, v[1] or '0', v[2] or '', v[3] or '0', redis.call('HGET', KEYS[1], 'roots') or '', v[4] or ''}
 for i = 6, #ARGV do out[#out + 1] = redis.call('HEXISTS', KEYS[2], ARGV[i]) end
 return out
 """
@@ -135,6 +136,7 @@ class Begun:
     suspect: bool = False  # runs alone: it was working beside others when its worker died or its batch failed
     roots: list[str] | None = None  # the job's roots (None: not recorded)
     todo: tuple[int, ...] = ()  # indices of the message's paths that have no record yet
+    culprit: str | None = None  # the path in work when it last failed alone (charged)
 
 
 def worker_id() -> str:
@@ -178,12 +180,17 @@ class Leases:
             last_error=as_text(reply[2]) or None,
             suspect=as_text(reply[3]) == "1",
             roots=[str(r) for r in roots] if isinstance(roots, list) else None,
-            todo=tuple(i for i, recorded in enumerate(reply[5:]) if not int(recorded)),
+            culprit=as_text(reply[5]) or None,
+            todo=tuple(i for i, recorded in enumerate(reply[6:]) if not int(recorded)),
         )
 
     def working(self, message_id: str, alone: bool) -> None:
         """Mark the message's images as entering decode and inference (what a crash now charges)."""
         self.client.hset(keys.deliveries(message_id), mapping={"state": "working", "alone": "1" if alone else "0"})
+
+    def current(self, message_id: str, path: str) -> None:
+        """A message running alone says which image is in work: a crash now names it the culprit."""
+        self.client.hset(keys.deliveries(message_id), "current", path)
 
     def give_back(self, message_id: str, job_id: str, failure: str = "") -> None:
         """End this lease without success; ``failure`` applies the charging rule (empty: charge nothing)."""
@@ -199,7 +206,7 @@ class Leases:
         self.held.discard(message_id)
         key = keys.deliveries(message_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hdel(key, "owner", "state", "alone", "suspect", "count", "error")
+        pipe.hdel(key, "owner", "state", "alone", "current", "culprit", "suspect", "count", "error")
         pipe.hset(key, "done", "1")
         pipe.expire(key, DONE_TTL_S)
         pipe.zrem(keys.LEASES, message_id)

@@ -123,8 +123,13 @@ class Pipeline:
         if not todo:
             self.leases.finish(message_id, job_id)  # a copy of a message whose records were all written
             return 0
+        dead = 0
         if begun.count >= self.limits.max_deliveries:
-            return self._dead_letter(message_id, job_id, todo, begun.count, begun.last_error or LOST)
+            if begun.culprit is None or begun.culprit not in todo:
+                return self._dead_letter(message_id, job_id, todo, begun.count, begun.last_error or LOST, True)
+            # Isolated down to one image: only it is dead-lettered; the rest of the message goes on, alone.
+            dead = self._dead_letter(message_id, job_id, [begun.culprit], begun.count, begun.last_error or LOST)
+            todo.remove(begun.culprit)
         model = self.engine.model_id
         refused: list[Record] = []
         good: list[str] = []
@@ -134,7 +139,7 @@ class Pipeline:
                 good.append(path)
             else:
                 refused.append(_error(path, why[1], model, why[0]))
-        alone = begun.suspect
+        alone = begun.suspect or dead > 0
         weight = self.gate.capacity if alone else len(good)
         records: list[Record] = []
         if good:
@@ -144,7 +149,10 @@ class Pipeline:
             try:
                 self.leases.working(message_id, alone)
                 with metrics.in_flight(len(good)):
-                    records = self._classify(message_id, good)
+                    if alone:
+                        records = self._one_by_one(message_id, job_id, good)
+                    else:
+                        records = self._classify(message_id, good)
             except TooSlow as exc:
                 self._count(self.store.write(job_id, [*exc.done, *refused], model) or [])
                 raise
@@ -155,7 +163,16 @@ class Pipeline:
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - start)
         self._count(written or [])
         self.leases.finish(message_id, job_id)
-        return len(written or [])
+        return len(written or []) + dead
+
+    def _one_by_one(self, message_id: str, job_id: str, paths: Sequence[str]) -> list[Record]:
+        """A suspect, alone: one image at a time, each named before it starts and recorded as it ends, so a
+        crash charges the one image in work (the culprit) and loses nothing else."""
+        for path in paths:
+            self.leases.current(message_id, path)
+            records = self._classify(message_id, [path])
+            self._count(self.store.write(job_id, records, self.engine.model_id) or [])
+        return []
 
     def failed(self, message_id: str, job_id: str, exc: BaseException) -> None:
         """End the lease of a delivery that failed: charged if it ran alone, else a suspect; slowness is free."""
@@ -180,7 +197,9 @@ class Pipeline:
             )
         return [future.result() for future in futures]
 
-    def _dead_letter(self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str) -> int:
+    def _dead_letter(
+        self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str, finish: bool = False
+    ) -> int:
         model = self.engine.model_id
         message = f"gave up after {count} deliveries: {reason}"
         records = [_error(path, message, model, "dead_letter") for path in paths]
@@ -205,7 +224,8 @@ class Pipeline:
                 len(written),
                 reason,
             )
-        self.leases.finish(message_id, job_id)
+        if finish:
+            self.leases.finish(message_id, job_id)
         return len(written or [])
 
     @staticmethod
