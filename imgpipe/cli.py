@@ -37,6 +37,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "results": ("imgpipe.producer.cli:results", "Export a job's records as JSONL or CSV."),
     "cancel": ("imgpipe.producer.cli:cancel", "Cancel a job: workers skip its remaining images."),
     "delete": ("imgpipe.producer.cli:delete", "Delete a job: its records, counters and pending messages."),
+    "dlq": ("imgpipe.producer.dlq:dlq", "Dead-lettered messages: list, replay (after a fix) or purge."),
+    "reconcile": (
+        "imgpipe.producer.dlq:reconcile",
+        "Send again a job's messages that a dead worker or the queue lost.",
+    ),
 }
 
 

@@ -295,6 +295,19 @@ def test_a_poison_message_that_kills_its_worker_each_time_is_the_only_one_dead_l
             assert records[str(poison)]["reason"] == "dead_letter"
             assert {records[p]["status"] for p in inputs} == {"ok"}
             assert len(records) == len(all_inputs)
+
+            # The cause fixed (nothing kills the worker any more): replay the dead letter; the job completes.
+            url = cli_env(IMGPIPE_REDIS_URL=redis_url)
+            listed = run_cli("dlq", "list", "--job", job_id, env=url)
+            assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1, listed.stderr
+            assert "1 images" in listed.stdout
+            workers.start()
+            replayed = run_cli("dlq", "replay", "--job", job_id, env=url)
+            assert replayed.returncode == 0 and "sent 1 dead-lettered messages again (1 images)" in replayed.stderr
+            wait_for_job(client, job_id, timeout=60, workers=workers)
+            records = assert_exactly_once(client, job_id, set(all_inputs))
+            assert {r["status"] for r in records.values()} == {"ok"}
+            assert run_cli("dlq", "list", env=url).stdout == ""
     finally:
         watch.close()
 
@@ -325,6 +338,24 @@ def test_large_jpegs_with_a_short_time_limit_are_never_dead_lettered(
         records = assert_exactly_once(client, job_id, inputs)
         assert {r["status"] for r in records.values()} == {"ok"}
         assert "not classified within" in workers.logs()  # it was slow, given back, and went on where it was
+
+
+def test_reconcile_by_hand_sends_the_lost_messages_of_a_job_again(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    data = tmp_path / "data"
+    inputs = {str(p) for p in _small(data, 100)}
+    job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=10)
+    client.delete("imgpipe")  # lost before any worker saw them
+    url = cli_env(IMGPIPE_REDIS_URL=redis_url)
+    result = run_cli("reconcile", job_id, "--grace", "0", env=url)
+    assert result.returncode == 0 and "and 10 lost messages again" in result.stderr, result.stderr
+    assert client.llen("imgpipe") == 10
+    assert run_cli("reconcile", "no-such-job", env=url).returncode == 2
+    with Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data))) as workers:
+        workers.start()
+        wait_for_job(client, job_id, timeout=60, workers=workers)
+        assert_exactly_once(client, job_id, inputs)
 
 
 @pytest.mark.parametrize("restarts", [3])

@@ -149,10 +149,10 @@ class Pipeline:
             try:
                 self.leases.working(message_id, alone)
                 with metrics.in_flight(len(good)):
-                    if alone:
-                        records = self._one_by_one(message_id, job_id, good)
-                    else:
-                        records = self._classify(message_id, good)
+                    one_by_one = alone  # a suspect: isolated down to the image
+                    records = (
+                        self._one_by_one(message_id, job_id, good) if one_by_one else self._classify(message_id, good)
+                    )
             except TooSlow as exc:
                 self._count(self.store.write(job_id, [*exc.done, *refused], model) or [])
                 raise
