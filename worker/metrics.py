@@ -148,6 +148,7 @@ def initialise_series() -> None:
     for reason in ImageError.REASONS:
         ERRORS.labels(reason=reason)
 
+
 # Messages a worker refused before any Redis write (reason: junk, content_type, schema, job_id, version, ...).
 REFUSED = Counter("imgpipe_messages_refused_total", "Messages refused by a worker, by reason", ["reason"])
 # Messages re-sent by the reconciler (expired lease or lost from the queue).

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -112,7 +113,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                 without_heartbeat=True,
                 optimization="fair",
             )
-            health.connected = lambda w=celery_worker: consumer_connected(w)
+            health.connected = functools.partial(consumer_connected, celery_worker)
             celery_worker.start()
             code = int(celery_worker.exitcode or 0)
             if code == 0 or pipeline.stopping.is_set():
