@@ -318,22 +318,24 @@ def test_large_jpegs_with_a_short_time_limit_are_never_dead_lettered(
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
-    noise = Image.fromarray(rng.integers(0, 256, (900, 900, 3), dtype=np.uint8))
+    big = data / "big.jpg"
+    Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big, quality=95)
     inputs = set()
-    for i in range(60):
+    for i in range(240):  # hard links: as many large JPEGs to decode as we like, one file on disk
         path = data / f"big{i:03d}.jpg"
-        noise.save(path, quality=95)
+        os.link(big, path)
         inputs.add(str(path))
     env = cli_env(
         IMGPIPE_REDIS_URL=redis_url,
         IMGPIPE_ALLOWED_ROOTS=str(data),
-        IMGPIPE_VISIBILITY_TIMEOUT="1",  # a time limit of 1 s per message of 60 large images
+        IMGPIPE_VISIBILITY_TIMEOUT="1",  # a time limit of 1 s per message of 240 large images
+        IMGPIPE_ALLOW_HARDLINKS="1",
         IMGPIPE_DECODE_THREADS="1",
         IMGPIPE_MAX_BATCH="4",
     )
     with Workers(tmp_path, env) as workers:
         workers.start()
-        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=60)
+        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=240)
         wait_for_job(client, job_id, timeout=120, workers=workers)
         records = assert_exactly_once(client, job_id, inputs)
         assert {r["status"] for r in records.values()} == {"ok"}
