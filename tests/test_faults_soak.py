@@ -35,7 +35,7 @@ def test_soak_random_kills_of_workers_and_redis(tmp_path: Path) -> None:
             deadline = time.monotonic() + 1800
             while not client.hget(keys.job(job_id), "finished"):
                 assert time.monotonic() < deadline, workers.logs()[-20000:]
-                time.sleep(rng.uniform(5, 15))
+                time.sleep(rng.uniform(3, 8))
                 if rng.random() < 0.7:
                     victim = live.pop(rng.randrange(len(live)))
                     victim.kill9()
