@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from imgpipe import defaults, keys
-from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text
+from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text, is_cancelled
 from imgpipe.messages import SENT_HEADER
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ end
 
 # KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
 # Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
-# {1, count, error, suspect, roots JSON, culprit, recorded(0/1) per path}.
+# {1, count, error, suspect, roots JSON, culprit, cancelled, recorded(0/1) per path}.
 BEGIN_LUA = (
     _RULE_LUA
     + """
@@ -70,7 +70,8 @@ redis.call('HSET', d, 'owner', ARGV[2], 'state', 'held', 'job', ARGV[4])
 redis.call('EXPIRE', d, ARGV[5])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
 local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
-local out = {1, v[1] or '0', v[2] or '', v[3] or '0', redis.call('HGET', KEYS[1], 'roots') or '', v[4] or ''}
+local job = redis.call('HMGET', KEYS[1], 'roots', 'cancelled')
+local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or ''}
 for i = 6, #ARGV do out[#out + 1] = redis.call('HEXISTS', KEYS[2], ARGV[i]) end
 return out
 """
@@ -137,6 +138,7 @@ class Begun:
     roots: list[str] | None = None  # the job's roots (None: not recorded)
     todo: tuple[int, ...] = ()  # indices of the message's paths that have no record yet
     culprit: str | None = None  # the path in work when it last failed alone (charged)
+    cancelled: bool = False  # the job was cancelled (`imgpipe cancel`): acknowledge without work
 
 
 def worker_id() -> str:
@@ -181,7 +183,8 @@ class Leases:
             suspect=as_text(reply[3]) == "1",
             roots=[str(r) for r in roots] if isinstance(roots, list) else None,
             culprit=as_text(reply[5]) or None,
-            todo=tuple(i for i, recorded in enumerate(reply[6:]) if not int(recorded)),
+            cancelled=is_cancelled(reply[6] or None),
+            todo=tuple(i for i, recorded in enumerate(reply[7:]) if not int(recorded)),
         )
 
     def working(self, message_id: str, alone: bool) -> None:

@@ -290,11 +290,6 @@ def test_enqueue_wait_ends_with_exit_1_when_its_job_is_cancelled(
     assert waiting.returncode == 1 and "job w1 cancelled: 0 ok, 0 failed of 4" in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="to wire when merging: the worker calls imgpipe.jobs.is_cancelled on the job's `cancelled` field "
-    "as it begins a message (worker/store.py begin, worker/pipeline.py process) and acknowledges without work",
-)
 def test_workers_skip_and_acknowledge_the_messages_of_a_cancelled_job(
     tmp_path: Path, redis_url: str, client: redis.Redis, demo_data: Path
 ) -> None:
@@ -488,9 +483,6 @@ print("root" if os.geteuid() == 0 else "user")
         assert "running as root: this worker accepts JSON messages only" in result.stdout + result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True, reason="to wire when merging: worker/run.py calls imgpipe.known_warnings.install() before app.Worker"
-)
 def test_a_real_worker_log_has_no_celery_root_warning_and_no_made_up_password(tmp_path: Path, redis_url: str) -> None:
     with Workers(tmp_path, redis_env(redis_url, IMGPIPE_ALLOWED_ROOTS=str(tmp_path))) as workers:
         workers.start()

@@ -119,6 +119,9 @@ class Pipeline:
             metrics.DUPLICATES.inc()
             log.info("message %s: another copy is leased by a live worker; this copy dropped", message_id)
             return 0
+        if begun.cancelled:  # `imgpipe cancel`: its remaining messages drain without work
+            self.leases.finish(message_id, job_id)
+            return 0
         todo = [message.paths[i] for i in begun.todo]
         if not todo:
             self.leases.finish(message_id, job_id)  # a copy of a message whose records were all written

@@ -23,6 +23,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     """Load the model, start the batcher and run a Celery worker (threads pool) here until stopped."""
     from celery import signals
 
+    from imgpipe import known_warnings
     from imgpipe.broker import publish
     from imgpipe.health import HealthReporter, consumer_connected, health_dir
     from imgpipe.leases import Leases, Reconciler
@@ -100,6 +101,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         work_images(settings),
         f"; metrics on port {server.port}" if server is not None else "",
     )
+    known_warnings.install()  # Celery's root warning and masked-URL noise handled in one place
     code = 0
     try:
         while True:
