@@ -276,9 +276,13 @@ class Reconciler:
             keys.SWEEP_LOCK, self.owner, nx=True, px=max(1, int(lock_s * 1000))
         ):
             return {"expired": 0, "lost": 0}
-        return {"expired": self.expired(), "lost": self.lost(job_id)}
+        expired, lost = self.expired(), self.lost(job_id)
+        # Every pass (not only one that re-sent something): a dead worker's copies of messages that are done
+        # or were re-sent would otherwise wait in kombu's unacked set for the visibility timeout.
+        self.forget_unacked(expired | lost)
+        return {"expired": len(expired), "lost": len(lost)}
 
-    def expired(self, limit: int = 1000) -> int:
+    def expired(self, limit: int = 1000) -> set[str]:
         reply = self._expire(keys=[keys.LEASES], args=[limit, keys.deliveries("")])
         resent: set[str] = set()
         for i in range(0, len(reply), 2):
@@ -287,9 +291,7 @@ class Reconciler:
                 resent.add(message_id)
         if resent:
             log.warning("re-sent %d messages whose worker stopped (lease expired)", len(resent))
-        if reply:
-            self.forget_unacked(resent)
-        return len(resent)
+        return resent
 
     def forget_unacked(self, resent: set[str]) -> int:
         """Drop a dead worker's copies of re-sent or finished messages from kombu's unacknowledged set.
@@ -315,13 +317,13 @@ class Reconciler:
             pipe.execute()
         return len(tags)
 
-    def lost(self, job_id: str | None = None) -> int:
+    def lost(self, job_id: str | None = None) -> set[str]:
         watermark = queue_watermark(self.client, self.queue)
         if watermark is None:
             return 0
         cutoff = watermark - self.grace_s
         jobs = [job_id] if job_id else [as_text(j) or "" for j in self.client.smembers(keys.PENDING_JOBS)]
-        resent = 0
+        resent: set[str] = set()
         for job in jobs:
             pending = self.client.hgetall(keys.job_pending(job))
             if not pending:
@@ -337,11 +339,11 @@ class Reconciler:
                 if entry is None or float(entry.get("at", 0)) > cutoff:
                     continue
                 if self._resend_entry(job, message_id, entry):
-                    resent += 1
+                    resent.add(message_id)
             if not self.client.exists(keys.job(job)):
                 self.client.delete(keys.job_pending(job))
         if resent:
-            log.warning("re-sent %d messages lost from the queue", resent)
+            log.warning("re-sent %d messages lost from the queue", len(resent))
         return resent
 
     def _resend_pending(self, job_id: str, message_id: str) -> bool:

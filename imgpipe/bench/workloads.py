@@ -3,7 +3,6 @@ JPEGs with a randomly initialised 3-channel 224 px mobilenet_v3_small exported a
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,15 @@ class Workload:
 
 
 def link_images(sources: list[Path], out: Path, count: int) -> list[str]:
-    """``count`` distinct paths in ``out`` (hard links, or copies across devices), cycling over ``sources``:
-    a job records each path once, so the same file may serve several paths but never under one name."""
+    """``count`` distinct files in ``out``, copies cycling over ``sources``: a job records each path once. Copies,
+    not hard links: workers refuse files with other hard links unless IMGPIPE_ALLOW_HARDLINKS is set, and the
+    bench measures what users run."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
         source = sources[index % len(sources)]
         target = out / f"{index:06d}{source.suffix.lower()}"
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        shutil.copyfile(source, target)
         paths.append(str(target))
     return paths
 
