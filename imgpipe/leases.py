@@ -320,7 +320,7 @@ class Reconciler:
     def lost(self, job_id: str | None = None) -> set[str]:
         watermark = queue_watermark(self.client, self.queue)
         if watermark is None:
-            return 0
+            return set()
         cutoff = watermark - self.grace_s
         jobs = [job_id] if job_id else [as_text(j) or "" for j in self.client.smembers(keys.PENDING_JOBS)]
         resent: set[str] = set()
