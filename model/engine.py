@@ -15,7 +15,7 @@ import torch
 from imgpipe import threads
 from imgpipe.devices import parse_device
 from imgpipe.errors import ImageError
-from imgpipe.model import export, jit
+from imgpipe.model import export, jit, oom
 from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
 from imgpipe.safety import read_confined
@@ -122,7 +122,21 @@ class Engine:
         return self.preset.to_tensor(image)
 
     def predict(self, batch: torch.Tensor) -> list[TopK]:
-        """(B, C, H, W) preprocessed CPU batch -> top-k (label, probability) per image."""
+        """(B, C, H, W) preprocessed CPU batch -> top-k (label, probability) per image.
+
+        A CUDA out-of-memory error splits the batch in halves and retries them (model/oom.py), down to single
+        images, so a batch too big for the device still gets every prediction and no message is charged."""
+        return oom.run_split_on_oom(
+            lambda rows: self._predict_rows(batch[rows[0] : rows[-1] + 1]),
+            range(batch.shape[0]),
+            on_split=self._log_split,
+        )
+
+    @staticmethod
+    def _log_split(size: int) -> None:
+        log.warning("out of memory on a batch of %d images: split in halves and retried", size)
+
+    def _predict_rows(self, batch: torch.Tensor) -> list[TopK]:
         with torch.inference_mode():
             if self._cuda:
                 x = batch.pin_memory().to(self.device, non_blocking=True)
