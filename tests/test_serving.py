@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import collections
+import os
+import signal
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
+from imgpipe import keys
+from imgpipe.jobs import iter_records
+from imgpipe.model import export
 from imgpipe.model.engine import Engine
+from imgpipe.procs import wait_until
+from imgpipe.registry import live_workers
 from imgpipe.settings import BatchSettings, SecuritySettings
 from imgpipe.worker.batcher import Batcher
+from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
+from tests.workers import Workers, assert_exactly_once, scrape, wait_for_job
 
 
 class FakeOOMModule(torch.nn.Module):
@@ -53,3 +64,76 @@ def test_fake_cuda_oom_splits_the_batch_and_charges_no_message(tmp_path: Path, d
     fake.fits = 0
     with pytest.raises(torch.cuda.OutOfMemoryError):
         engine.predict(engine.load_image(good[0]).unsqueeze(0))
+
+
+def variant(source: Path, out: Path, name: str, nudge: float) -> str:
+    """Another valid model file from ``source``: its network with one bias nudged (so the sha differs) under
+    ``name``; returns its model id."""
+    module, meta = export.load(source)
+    with torch.no_grad():
+        bias = [p for n, p in module.named_parameters() if n.endswith("bias")][-1]
+        bias.add_(nudge)
+    written = export.export(
+        module,
+        out,
+        name=name,
+        arch=meta.arch,
+        arch_config=meta.arch_config,
+        labels=list(meta.labels),
+        preset=meta.preset,
+        val_accuracy=meta.val_accuracy,
+    )
+    return written.model_id
+
+
+def _workers(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:
+    return Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(roots), **env))
+
+
+def _enqueue(redis_url: str, *args: str) -> str:
+    result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.timeout(240)
+def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
+    tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
+) -> None:
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 600)}
+    served = tmp_path / "models" / "served.pt"
+    old_id = variant(default_model, served, "alpha", 0.0)
+    new_id = variant(default_model, tmp_path / "models" / "next.pt", "beta", 1e-3)
+    assert old_id != new_id and old_id.split("@")[1] != new_id.split("@")[1]
+    port = free_port()
+    env = {"IMGPIPE_MODEL": str(served), "IMGPIPE_MAX_BATCH": "1", "IMGPIPE_PREFETCH": "1"}
+    with _workers(tmp_path, redis_url, data, **env) as workers:
+        worker = workers.start("--device", "cpu", "--metrics-port", str(port))
+        assert f'imgpipe_model_info{{name="alpha",sha="{old_id[-12:]}"}} 1.0' in scrape(port)
+        job_id = _enqueue(redis_url, str(data), "--chunk-size", "1")
+        wait_until(lambda: client.hlen(keys.job_results(job_id)) >= 40, 120, "40 records")
+        os.replace(tmp_path / "models" / "next.pt", served)  # a new version, complete at once
+        os.kill(worker.pid, signal.SIGHUP)
+        wait_until(lambda: "model reloaded" in worker.log(), 60, "the reload")
+        assert client.hget(keys.job(job_id), "finished") is None, "the job ended before the reload: too short"
+        before = client.hlen(keys.job_results(job_id))
+        wait_for_job(client, job_id, timeout=180, workers=workers)
+        records = assert_exactly_once(client, job_id, images)
+        models = collections.Counter(r["model"] for r in records.values())
+        assert set(models) == {old_id, new_id} and models[old_id] >= 40, models
+        assert models[new_id] >= len(images) - before - 4, models  # at most a batch or so in hand at the switch
+        assert f"model reloaded: {old_id} -> {new_id}" in worker.log()
+        wait_until(lambda: [w.model for w in live_workers(client)] == [new_id], 30, "the heartbeat names beta")
+        text = scrape(port)
+        assert f'imgpipe_model_info{{name="beta",sha="{new_id[-12:]}"}} 1.0' in text, text
+        assert f'imgpipe_model_info{{name="alpha",sha="{old_id[-12:]}"}} 0.0' in text, text
+
+        # A file that fails its checks (truncated) is refused, and the worker goes on with the model it has.
+        served.write_bytes(served.read_bytes()[:1000])
+        os.kill(worker.pid, signal.SIGHUP)
+        wait_until(lambda: "model reload refused" in worker.log(), 60, "the refusal")
+        again = _enqueue(redis_url, str(data / "img00000.png"))
+        wait_for_job(client, again, timeout=60, workers=workers)
+        assert {r["model"] for r in iter_records(client, again)} == {new_id}
+        worker.check_alive()

@@ -21,6 +21,7 @@ import torch
 from imgpipe.batching import BatchSizer, Plan
 from imgpipe.errors import ImageError
 from imgpipe.model.engine import Engine
+from imgpipe.model.preprocess import Preset
 from imgpipe.records import Record
 from imgpipe.settings import BatchSettings
 from imgpipe.worker import metrics
@@ -34,11 +35,15 @@ class _Item:
     source: str  # message id, for the batch log line
     future: Future[Record] = field(default_factory=Future)
     tensor: torch.Tensor | None = None  # (C, H, W), once decoded
+    preset: Preset | None = None  # the preset it was decoded with (a reload may change the model's)
     received: float = field(default_factory=time.monotonic)  # throughput hook: latency for imgpipe/batching.py
 
 
 class Batcher:
-    """Decode threads plus one batch thread around one engine (the only thread that calls ``predict``)."""
+    """Decode threads plus one batch thread around one engine (the only thread that calls ``predict``).
+
+    ``engine`` may be replaced at any time (a model reload): the batch thread reads it once per batch, so the
+    switch happens between batches and every record names the model that produced it."""
 
     def __init__(self, engine: Engine, settings: BatchSettings) -> None:
         self.engine = engine
@@ -105,13 +110,15 @@ class Batcher:
             if not item.future.set_running_or_notify_cancel():
                 continue  # its message gave up waiting
             start = time.perf_counter()
-            result = self.engine.safe_load_image(item.path)
+            engine = self.engine
+            result = engine.safe_load_image(item.path)
             metrics.STAGE_SECONDS.labels(stage="decode").observe(time.perf_counter() - start)
             if isinstance(result, ImageError):
                 # An error record needs no inference: resolve it now and keep the batch for real images.
-                item.future.set_result(self.engine.records_for([item.path], [result])[0])
+                item.future.set_result(engine.records_for([item.path], [result])[0])
                 continue
             item.tensor = result
+            item.preset = engine.preset
             self._ready.put(item)
 
     def _batch_loop(self) -> None:
@@ -136,11 +143,17 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[_Item]) -> None:
+        engine = self.engine  # one model per batch, even if a reload swaps it meanwhile
         paths = [item.path for item in batch]
-        tensors: list[torch.Tensor | ImageError] = [item.tensor for item in batch if item.tensor is not None]
+        tensors: list[torch.Tensor | ImageError] = [
+            item.tensor
+            if item.preset == engine.preset and item.tensor is not None
+            else engine.safe_load_image(item.path)
+            for item in batch
+        ]  # an image decoded for the previous model's preset is decoded again for this one
         start = time.perf_counter()
         try:
-            records = self.engine.records_for(paths, tensors)
+            records = engine.records_for(paths, tensors)
         except Exception as exc:  # e.g. CUDA out of memory: these messages are given back and retried
             log.exception("inference failed for a batch of %d images", len(batch))
             for item in batch:
@@ -154,7 +167,7 @@ class Batcher:
             for item in batch:
                 self.sizer.observe_latency(now - item.received)
         metrics.BATCH_SIZE.observe(len(batch))
-        metrics.observe_device(self.engine.device)
+        metrics.observe_device(engine.device)
         log.debug("batch of %d images from %d messages", len(batch), len({item.source for item in batch}))
         for item, record in zip(batch, records, strict=True):
             item.tensor = None

@@ -77,7 +77,44 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         queues=(settings.redis.queue,),
         started=time.time(),
     )
-    health = HealthReporter(health_dir(settings), me, batcher.health).start()  # read by `imgpipe worker --check`
+
+    def status() -> dict[str, Any]:  # the heartbeat follows a reload: model (and queues) from the next beat
+        return {**batcher.health(), "model": batcher.engine.model_id}
+
+    reload_lock = threading.Lock()
+
+    def reload_model() -> None:
+        """Load the model file again and switch to it between batches; a file that fails its checks is refused
+        and the old model kept."""
+        with reload_lock:
+            old = batcher.engine
+            path = settings.model.resolved_path()
+            try:
+                new = Engine.load(
+                    path,
+                    device,
+                    topk=settings.model.topk,
+                    security=settings.security,
+                    torch_threads=settings.batch.torch_threads,
+                )
+            except Exception as exc:  # not ours, tampered, truncated, wrong device: keep serving the old one
+                reason = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+                log.error("model reload refused (%s): %s; still serving %s", path, reason, old.model_id)
+                return
+            if new.model_id == old.model_id:
+                log.info("model reload: %s is unchanged (%s)", path, old.model_id)
+                return
+            batcher.engine = new
+            pipeline.engine = new
+            metrics.MODEL_INFO.labels(name=old.metadata.name, sha=old.metadata.sha256[:12]).set(0)
+            metrics.describe_worker(str(new.device), new.metadata.name, new.metadata.sha256)
+            log.warning("model reloaded: %s -> %s", old.model_id, new.model_id)
+
+    def on_hup(_signum: int, _frame: Any) -> None:  # loads off the signal handler (and off the batch thread)
+        threading.Thread(target=reload_model, name="imgpipe-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+    health = HealthReporter(health_dir(settings), me, status).start()  # read by `imgpipe worker --check`
     heartbeat = Heartbeat(client, me, health.status, on_beat=leases.renew).start()
     if parent_pid is not None:
         _stop_when_orphaned(parent_pid)
@@ -116,6 +153,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                 optimization="fair",
             )
             health.connected = functools.partial(consumer_connected, celery_worker)
+            _keep_hup(celery_worker, on_hup)
             celery_worker.start()
             code = int(celery_worker.exitcode or 0)
             if code == 0 or pipeline.stopping.is_set():
@@ -134,6 +172,17 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         metrics_server.mark_this_process_dead()
         client.close()
     return code
+
+
+def _keep_hup(celery_worker: Any, handler: Any) -> None:
+    """Celery installs a SIGHUP handler that re-executes the worker; SIGHUP reloads the model here instead."""
+    install = celery_worker.install_platform_tweaks
+
+    def tweaks(worker: Any) -> None:
+        install(worker)
+        signal.signal(signal.SIGHUP, handler)
+
+    celery_worker.install_platform_tweaks = tweaks
 
 
 def _reconcile_loop(reconciler: Any, stop: threading.Event) -> None:

@@ -45,6 +45,7 @@ class Supervisor:
         server = metrics_server.start_metrics_server(self.settings.metrics)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._forward_hup)  # each child reloads its model (worker/run.py)
         log.info(
             "imgpipe worker supervisor %d: %d processes on %s%s",
             os.getpid(),
@@ -135,6 +136,11 @@ class Supervisor:
             elif now >= when:
                 del self.restarts[index]
                 self._spawn(index)
+
+    def _forward_hup(self, signum: int, frame: FrameType | None) -> None:
+        for proc, _started in list(self.children.values()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:  # a second Ctrl-C: do not wait for running batches
