@@ -123,8 +123,11 @@ def make_celery(main: str, redis: RedisSettings) -> Celery:
     return app
 
 
-def publish(app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None) -> None:
-    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths in their text form) by task name.
+def publish(
+    app: Celery, job_id: str, paths: list[str], message_id: str, producer: Any = None, queue: str | None = None
+) -> None:
+    """Send one ``imgpipe.classify_chunk`` message (args: job id, paths in their text form) by task name, to
+    ``queue`` (a pinned job's model queue, imgpipe.jobs.job_queue) or the default queue.
 
     The message format is version ``imgpipe.messages.VERSION`` (docs/reliability.md).
     """
@@ -133,6 +136,7 @@ def publish(app: Celery, job_id: str, paths: list[str], message_id: str, produce
         args=[job_id, paths],
         task_id=message_id,
         producer=producer,
+        queue=queue,
         # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
         argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
         kwargsrepr="{}",

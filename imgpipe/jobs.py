@@ -175,6 +175,30 @@ def as_float(value: str | None) -> float | None:
         return None
 
 
+# A pin: a model id, ``name@`` plus the first 12 hex digits of the model's sha256 (docs/models.md).
+PIN_PATTERN = re.compile(r"^[^@\s]{1,200}@[0-9a-f]{12}$")
+
+
+def check_pin(pin: str) -> str:
+    """ConfigError unless ``pin`` is a model id ``name@sha12`` (as `imgpipe model info` prints it)."""
+    if not PIN_PATTERN.match(pin):
+        raise ConfigError(
+            f"--model {pin!r} is not a model id; give name@ and the first 12 hex digits of its sha256 "
+            "(`imgpipe model info FILE` prints it)"
+        )
+    return pin
+
+
+def pin_queue(pin: str | None, default: str) -> str:
+    """The queue of a job pinned to ``pin`` (keys.model_queue of its sha prefix); ``default`` when unpinned."""
+    return keys.model_queue(pin.rsplit("@", 1)[1]) if pin else default
+
+
+def job_queue(client: redis.Redis, job_id: str, default: str) -> str:
+    """The queue a job's messages go to (and are sent again to): by its ``pin`` field."""
+    return pin_queue(as_text(client.hget(keys.job(job_id), "pin")), default)
+
+
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KINDS = ("batch", "stream")
 
@@ -223,8 +247,10 @@ def create_job(
     kind: str,
     roots: Sequence[str],
     ttl_seconds: int,
+    pin: str | None = None,
 ) -> str:
-    """Create an empty, unsealed job and return its id; ConfigError if the id is taken."""
+    """Create an empty, unsealed job and return its id; ConfigError if the id is taken. ``pin``: the model id
+    every record must carry (its messages go to that model's queue)."""
     if kind not in KINDS:
         raise ValueError(f"unknown job kind {kind!r}; valid: {', '.join(KINDS)}")
     job_id = check_job_id(job_id) if job_id is not None else new_job_id()
@@ -233,9 +259,17 @@ def create_job(
     if not client.hsetnx(key, "created", f"{now:.6f}"):
         raise ConfigError(f"job {job_id!r} already exists; choose another --job id (`imgpipe status` lists jobs)")
     pipe = client.pipeline(transaction=True)
-    pipe.hset(
-        key, mapping={"total": 0, "done": 0, "failed": 0, "sealed": 0, "kind": kind, "roots": json.dumps(list(roots))}
-    )
+    fields: dict[str | bytes, bytes | float | int | str] = {
+        "total": 0,
+        "done": 0,
+        "failed": 0,
+        "sealed": 0,
+        "kind": kind,
+    }
+    fields["roots"] = json.dumps(list(roots))
+    if pin:
+        fields["pin"] = fields["model"] = pin
+    pipe.hset(key, mapping=fields)
     pipe.expire(key, ttl_seconds)
     pipe.zadd(keys.JOBS, {job_id: now})
     pipe.execute()
@@ -338,6 +372,7 @@ class JobStatus:
     started: float | None  # first record written (epoch seconds)
     updated: float | None  # latest record written
     now: float
+    pin: str | None = None  # the model id the job is pinned to (None: any worker's model)
 
     @property
     def job_id(self) -> str:
@@ -430,6 +465,7 @@ class JobStatus:
             "finished": self.progress.finished,
             "cancelled": self.progress.cancelled,
             "took": None if self.took is None else round(self.took, 3),
+            "pin": self.pin,
         }
 
 
@@ -438,8 +474,10 @@ def job_statuses(client: redis.Redis, job_ids: Sequence[str] | None = None, limi
     ids = recent_job_ids(client, limit) if job_ids is None else list(job_ids)
     now = time.time()
     statuses = [
-        JobStatus(progress, kind or "batch", as_float(started), as_float(updated), now)
-        for progress, (kind, started, updated) in read_jobs_with(client, ids, ("kind", "started", "updated"))
+        JobStatus(progress, kind or "batch", as_float(started), as_float(updated), now, pin or None)
+        for progress, (kind, started, updated, pin) in read_jobs_with(
+            client, ids, ("kind", "started", "updated", "pin")
+        )
     ]
     if job_ids is None:
         expired = set(ids) - {s.job_id for s in statuses}

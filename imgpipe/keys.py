@@ -47,3 +47,9 @@ def deliveries(message_id: str) -> str:
 def worker(worker_id: str) -> str:
     """String (JSON WorkerInfo) with a short TTL, refreshed by the worker's heartbeat; gone when it dies."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def model_queue(sha12: str) -> str:
+    """List (a kombu queue): messages of jobs pinned to the model whose sha256 starts with ``sha12`` (12 hex
+    digits; never the user's model name). No other imgpipe key and no default queue name has this form."""
+    return f"{PREFIX}:model:{sha12}"

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from imgpipe import defaults, keys
-from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text, is_cancelled
+from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text, is_cancelled, job_queue
 from imgpipe.messages import SENT_HEADER
 
 log = logging.getLogger(__name__)
@@ -318,13 +318,17 @@ class Reconciler:
         return len(tags)
 
     def lost(self, job_id: str | None = None) -> set[str]:
-        watermark = queue_watermark(self.client, self.queue)
-        if watermark is None:
-            return set()
-        cutoff = watermark - self.grace_s
+        watermarks: dict[str, float | None] = {}  # per queue: a pinned job's messages wait in its model's queue
         jobs = [job_id] if job_id else [as_text(j) or "" for j in self.client.smembers(keys.PENDING_JOBS)]
         resent: set[str] = set()
         for job in jobs:
+            queue = job_queue(self.client, job, self.queue)
+            if queue not in watermarks:
+                watermarks[queue] = queue_watermark(self.client, queue)
+            watermark = watermarks[queue]
+            if watermark is None:
+                continue
+            cutoff = watermark - self.grace_s
             pending = self.client.hgetall(keys.job_pending(job))
             if not pending:
                 if not job_id:

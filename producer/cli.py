@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import signal
@@ -24,12 +25,14 @@ from imgpipe.jobs import (
     JobStatus,
     RateWindow,
     cancel_job,
+    check_pin,
     create_job,
     delete_job,
     failure_reasons,
     iter_records,
     job_status,
     job_statuses,
+    pin_queue,
     seal_job,
 )
 from imgpipe.output import output_file
@@ -57,9 +60,20 @@ def _say(message: str) -> None:
 @click.option("--job", "job_id", help="Job id to create (letters, digits, . _ -).  [default: time-based]")
 @setting_option("CHUNK_SIZE", type=click.IntRange(min=1), help="Paths per queue message")
 @click.option("--wait", is_flag=True, help="Show progress and exit when the job is done (exit 1 if any image failed).")
+@click.option(
+    "--model",
+    "pin",
+    metavar="NAME@SHA12",
+    help="Pin the job to one model (its id, as `imgpipe model info` prints it): only workers serving it take it.",
+)
 @redis_url_option
 def enqueue(
-    paths: tuple[Path, ...], job_id: str | None, chunk_size: int | None, wait: bool, redis_url: str | None
+    paths: tuple[Path, ...],
+    job_id: str | None,
+    chunk_size: int | None,
+    wait: bool,
+    pin: str | None,
+    redis_url: str | None,
 ) -> None:
     """Scan folders (recursively) for images, create a job and enqueue them; prints the job id.
 
@@ -72,6 +86,8 @@ def enqueue(
     from imgpipe.producer.enqueue import Enqueuer, producer_app
 
     settings = _settings(redis_url=redis_url, chunk_size=chunk_size)
+    if pin is not None:
+        check_pin(pin)
     client = redis_client(settings.redis)
     roots = [str(p.absolute()) for p in paths]
     for path in paths:
@@ -85,11 +101,16 @@ def enqueue(
     if first is None:
         raise ConfigError(no_images_message(paths))
     ttl = settings.redis.result_ttl_days * 86400
-    job_id = create_job(client, job_id, kind="batch", roots=roots, ttl_seconds=ttl)
+    job_id = create_job(client, job_id, kind="batch", roots=roots, ttl_seconds=ttl, pin=pin)
     click.echo(job_id)
     sys.stdout.flush()
+    queue = pin_queue(pin, settings.redis.queue)
+    if pin and not any(queue in w.queues for w in live_workers(client)):
+        _say(f"no live worker serves {pin} yet: the job waits for one (imgpipe worker with that model)")
     app = producer_app(settings.redis)
-    enqueuer = Enqueuer(client, app, job_id, chunk_size=settings.producer.chunk_size, ttl_seconds=ttl)
+    enqueuer = Enqueuer(
+        client, app, job_id, chunk_size=settings.producer.chunk_size, ttl_seconds=ttl, queue=queue if pin else None
+    )
     reported = len(skipped)
     try:
         with enqueuer:
@@ -394,7 +415,12 @@ def _worker_note(job: JobStatus, workers: Sequence[WorkerInfo], queue: str) -> s
     finished an image for STALL_S seconds (by the worker registry's heartbeats)."""
     if job.finished:
         return None
+    queue = pin_queue(job.pin, queue)
     serving = [w for w in workers if queue in w.queues]
+    if not serving and job.pin:
+        live = collections.Counter(w.model for w in workers)
+        others = ", ".join(f"{model} x{count}" for model, count in sorted(live.items())) or "none"
+        return f"waiting: no live worker serves {job.pin} (live: {others})"
     if not serving:
         return f"no live worker on queue {queue!r} (start one: imgpipe worker)"
     latest = max(max(w.progress or w.started for w in serving), job.updated or job.progress.created)
@@ -464,7 +490,10 @@ def _describe(job: JobStatus, workers: Sequence[WorkerInfo], queue: str) -> str:
     ]
     if job.took is not None:
         rows.append(("took", _took(job.took)))
+    if job.pin:
+        rows.append(("model", f"{job.pin} (pinned)"))
     if not job.finished:
+        queue = pin_queue(job.pin, queue)
         serving = sum(queue in w.queues for w in workers)
         rows.append(("workers", note or f"{serving} live on queue {queue!r}"))
     return "\n".join(f"{name:<8} {value}" for name, value in rows)
@@ -485,7 +514,8 @@ def _table(jobs: list[JobStatus], workers: Sequence[WorkerInfo], queue: str) -> 
             f"{_rate(job.rate):>11} {'-' if note or job.finished else _duration(job.eta):>9}"
         )
     if notes:
-        lines.append(notes[0])  # the same for every waiting job
+        pinned = [n for n in notes if n.startswith("waiting: no live worker serves")]  # one per pinned model
+        lines.extend(dict.fromkeys([notes[0], *pinned]))  # else the same for every waiting job
     elif any(not job.finished for job in jobs):
         lines.append(f"workers: {sum(queue in w.queues for w in workers)} live on queue {queue!r}")
     return "\n".join(lines)

@@ -21,14 +21,15 @@ def _client(redis_url: str | None) -> tuple[Settings, Any]:
     return settings, redis_client(settings.redis)
 
 
-def _sender(settings: Settings) -> Any:
+def _sender(settings: Settings, client: Any) -> Any:
     from imgpipe.broker import publish
+    from imgpipe.jobs import job_queue
     from imgpipe.producer.enqueue import producer_app
 
     app = producer_app(settings.redis)
 
-    def send(job_id: str, paths: list[str], message_id: str) -> None:
-        publish(app, job_id, paths, message_id)
+    def send(job_id: str, paths: list[str], message_id: str) -> None:  # to the job's queue (pinned: its model's)
+        publish(app, job_id, paths, message_id, queue=job_queue(client, job_id, settings.redis.queue))
 
     return send
 
@@ -66,7 +67,7 @@ def replay(job_id: str | None, redis_url: str | None) -> None:
     from imgpipe.deadletters import replay as replay_entries
 
     settings, client = _client(redis_url)
-    messages, images = replay_entries(client, _sender(settings), settings.redis.result_ttl_days * 86400, job_id)
+    messages, images = replay_entries(client, _sender(settings, client), settings.redis.result_ttl_days * 86400, job_id)
     click.echo(f"imgpipe: sent {messages} dead-lettered messages again ({images} images)", err=True)
 
 
@@ -98,7 +99,7 @@ def reconcile(job_id: str, grace: float, redis_url: str | None) -> None:
 
     settings, client = _client(redis_url)
     job_status(client, job_id)  # ConfigError if there is no such job
-    counts = Reconciler(client, settings.redis.queue, _sender(settings), grace_s=grace).run_once(job_id)
+    counts = Reconciler(client, settings.redis.queue, _sender(settings, client), grace_s=grace).run_once(job_id)
     click.echo(
         f"imgpipe: job {job_id}: sent {counts['expired']} messages of stopped workers and {counts['lost']} lost "
         "messages again",

@@ -55,6 +55,7 @@ class Enqueuer:
         chunk_size: int,
         ttl_seconds: int,
         group_messages: int = GROUP_MESSAGES,
+        queue: str | None = None,
     ) -> None:
         if chunk_size > defaults.MAX_MESSAGE_PATHS:
             raise ConfigError(
@@ -66,6 +67,7 @@ class Enqueuer:
         self.chunk_size = chunk_size
         self.ttl_seconds = ttl_seconds
         self.group_messages = group_messages
+        self.queue = queue  # a pinned job's model queue (imgpipe.jobs.job_queue); None: the default queue
         self.images = 0
         self.messages = 0
         self._stack = contextlib.ExitStack()
@@ -100,7 +102,7 @@ class Enqueuer:
         add_pending(pipe, self.job_id, dict(zip(ids, chunks, strict=True)), self.ttl_seconds)
         pipe.execute()
         for message_id, chunk in zip(ids, chunks, strict=True):
-            publish(self.app, self.job_id, chunk, message_id, producer=self._producer)
+            publish(self.app, self.job_id, chunk, message_id, producer=self._producer, queue=self.queue)
         if self._batch is not None:
             self._batch.flush()
         self.images += count

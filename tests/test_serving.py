@@ -125,6 +125,7 @@ def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
         assert models[new_id] >= len(images) - before - 4, models  # at most a batch or so in hand at the switch
         assert f"model reloaded: {old_id} -> {new_id}" in worker.log()
         wait_until(lambda: [w.model for w in live_workers(client)] == [new_id], 30, "the heartbeat names beta")
+        assert live_workers(client)[0].queues == ("imgpipe", keys.model_queue(new_id[-12:]))
         text = scrape(port)
         assert f'imgpipe_model_info{{name="beta",sha="{new_id[-12:]}"}} 1.0' in text, text
         assert f'imgpipe_model_info{{name="alpha",sha="{old_id[-12:]}"}} 0.0' in text, text
@@ -137,3 +138,80 @@ def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
         wait_for_job(client, again, timeout=60, workers=workers)
         assert {r["model"] for r in iter_records(client, again)} == {new_id}
         worker.check_alive()
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_two_models_pinned_jobs_get_their_model_and_status_names_an_unserved_pin(
+    tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
+) -> None:
+    folders = {name: tmp_path / name for name in ("a", "b", "any")}
+    images = {name: {str(p) for p in write_good(folder, 60)} for name, folder in folders.items()}
+    alpha = variant(default_model, tmp_path / "alpha.pt", "alpha", 0.0)
+    beta = variant(default_model, tmp_path / "beta.pt", "beta", 1e-3)
+    gamma = "gamma@0123456789ab"  # served by nobody
+    assert keys.model_queue(alpha[-12:]) not in {"imgpipe", keys.JOBS, keys.WORKERS, keys.LEASES}
+
+    refused = run_cli("enqueue", str(folders["a"]), "--model", "alpha", env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+    assert refused.returncode == 2 and "not a model id" in refused.stderr and "Traceback" not in refused.stderr
+
+    # A job pinned to a model no live worker serves: accepted, and both enqueue and status say so.
+    result = run_cli(
+        "enqueue", str(folders["a"]), "--model", gamma, "--job", "for-gamma", env=cli_env(IMGPIPE_REDIS_URL=redis_url)
+    )
+    assert result.returncode == 0 and f"no live worker serves {gamma}" in result.stderr, result.stderr
+    with _workers(tmp_path, redis_url, tmp_path, IMGPIPE_MAX_BATCH="8") as workers:
+        workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "alpha.pt"))
+        workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "beta.pt"))
+        jobs = {
+            "a": _enqueue(redis_url, str(folders["a"]), "--chunk-size", "4", "--model", alpha),
+            "b": _enqueue(redis_url, str(folders["b"]), "--chunk-size", "4", "--model", beta),
+            "any": _enqueue(redis_url, str(folders["any"]), "--chunk-size", "4"),
+        }
+        for job_id in jobs.values():
+            wait_for_job(client, job_id, timeout=120, workers=workers)
+        models = {}
+        for name, job_id in jobs.items():
+            records = assert_exactly_once(client, job_id, images[name])
+            models[name] = collections.Counter(r["model"] for r in records.values())
+        assert models["a"] == {alpha: 60} and models["b"] == {beta: 60}, models
+        assert set(models["any"]) <= {alpha, beta} and sum(models["any"].values()) == 60
+        assert sorted(w.model for w in live_workers(client)) == [alpha, beta]
+        for queue in (keys.model_queue(alpha[-12:]), keys.model_queue(beta[-12:])):
+            assert client.llen(queue) == 0
+
+        status = run_cli("status", "for-gamma", env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+        assert status.returncode == 0, status.stderr
+        assert f"waiting: no live worker serves {gamma} (live: {alpha} x1, {beta} x1)" in status.stdout, status.stdout
+        assert f"{gamma} (pinned)" in status.stdout
+        table = run_cli("status", env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+        assert f"waiting: no live worker serves {gamma}" in table.stdout, table.stdout
+        assert client.llen(keys.model_queue(gamma[-12:])) > 0  # its messages wait in its own queue
+
+
+@pytest.mark.timeout(200)
+def test_a_pinned_message_in_the_wrong_queue_is_sent_to_its_model_queue_not_processed(
+    tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
+) -> None:
+    from imgpipe.jobs import create_job, seal_job
+    from imgpipe.producer.enqueue import Enqueuer, producer_app
+    from imgpipe.settings import RedisSettings
+
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 24)}
+    alpha = variant(default_model, tmp_path / "alpha.pt", "alpha", 0.0)
+    beta = variant(default_model, tmp_path / "beta.pt", "beta", 1e-3)
+    job_id = create_job(client, None, kind="batch", roots=[str(data)], ttl_seconds=3600, pin=beta)
+    # Published to the default queue although pinned (as by hand, or by an older producer).
+    with Enqueuer(client, producer_app(RedisSettings(url=redis_url)), job_id, chunk_size=4, ttl_seconds=3600) as e:
+        e.add(sorted(images))
+    seal_job(client, job_id)
+    beta_queue = keys.model_queue(beta[-12:])
+    with _workers(tmp_path, redis_url, data) as workers:
+        first = workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "alpha.pt"))
+        wait_until(lambda: client.llen(beta_queue) == 6, 60, "the 6 messages moved to beta's queue")
+        assert client.hlen(keys.job_results(job_id)) == 0, "a worker serving alpha must not process them"
+        assert alpha in first.log()
+        workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "beta.pt"))
+        wait_for_job(client, job_id, timeout=120, workers=workers)
+        records = assert_exactly_once(client, job_id, images)
+    assert {r["model"] for r in records.values()} == {beta}

@@ -12,11 +12,12 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from imgpipe import keys
 from imgpipe.errors import RetryableError
+from imgpipe.jobs import as_text
 from imgpipe.leases import Leases
 from imgpipe.messages import Message, check_path, native_path
 from imgpipe.model.engine import Engine
@@ -96,8 +97,11 @@ class Pipeline:
         leases: Leases,
         limits: PipelineLimits,
         gate: WorkGate,
+        redirect: Callable[[str, list[str], str], None] | None = None,
     ) -> None:
         self.engine = engine
+        # Sends a message of a job pinned to another model to that model's queue (job id, paths, message id).
+        self.redirect = redirect
         self.batcher = batcher
         self.store = store
         self.leases = leases
@@ -111,6 +115,8 @@ class Pipeline:
         Raises GiveBack (not started: requeue), or any other exception after ``failed`` (requeue).
         """
         job_id = message.job_id
+        if self.redirect is not None and self._redirected(message_id, message):
+            return 0
         begun = self.leases.begin(message_id, job_id, message.paths)
         if begun.state == "no_job":
             log.warning("message %s: job %r does not exist (expired or never created); dropped", message_id, job_id)
@@ -167,6 +173,26 @@ class Pipeline:
         self._count(written or [])
         self.leases.finish(message_id, job_id)
         return len(written or []) + dead
+
+    def _redirected(self, message_id: str, message: Message) -> bool:
+        """A message of a job pinned to a model this worker does not serve (taken from the default queue, or
+        prefetched from the old model's queue before a reload) is sent to its model's queue, not processed:
+        acknowledged here, nothing lost (the records' write-once HSETNX covers any race)."""
+        pin = as_text(self.leases.client.hget(keys.job(message.job_id), "pin"))
+        mine = self.engine.model_id
+        if not pin or pin.rsplit("@", 1)[-1] == mine.rsplit("@", 1)[-1]:
+            return False
+        assert self.redirect is not None
+        self.redirect(message.job_id, list(message.paths), message_id)
+        metrics.RESENT.labels(cause="model").inc()
+        log.info(
+            "message %s: job %s is pinned to %s, this worker serves %s; sent to its queue",
+            message_id,
+            message.job_id,
+            pin,
+            mine,
+        )
+        return True
 
     def _one_by_one(self, message_id: str, job_id: str, paths: Sequence[str]) -> list[Record]:
         """A suspect, alone: one image at a time, each named before it starts and recorded as it ends, so a

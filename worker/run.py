@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from imgpipe import defaults
+from imgpipe import defaults, keys
 from imgpipe.broker import redis_client, safe_url, task_time_limit
 from imgpipe.settings import Settings
 
@@ -26,6 +26,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe import known_warnings
     from imgpipe.broker import publish
     from imgpipe.health import HealthReporter, consumer_connected, health_dir
+    from imgpipe.jobs import job_queue
     from imgpipe.leases import Leases, Reconciler
     from imgpipe.messages import Limits
     from imgpipe.model.engine import Engine
@@ -55,12 +56,20 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     leases = Leases(client, hostname, settings.worker.lease_ttl, ttl)
     limits = PipelineLimits(settings.worker.max_deliveries, task_time_limit(settings.redis))
     app = make_app(settings)
-    pipeline = Pipeline(engine, batcher, store, leases, limits, WorkGate(work_images(settings)))
+
+    def send_to_job_queue(job_id: str, paths: list[str], message_id: str) -> None:
+        publish(app, job_id, paths, message_id, queue=job_queue(client, job_id, settings.redis.queue))
+
+    gate = WorkGate(work_images(settings))
+    pipeline = Pipeline(engine, batcher, store, leases, limits, gate, redirect=send_to_job_queue)
     register(app, pipeline, Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes))
 
-    def resend(job_id: str, paths: list[str], message_id: str) -> None:
-        publish(app, job_id, paths, message_id)
+    def resend(job_id: str, paths: list[str], message_id: str) -> None:  # to the job's queue (pinned: its model's)
+        send_to_job_queue(job_id, paths, message_id)
         metrics.RESENT.labels(cause="reconciler").inc()
+
+    def queues_for(served: Engine) -> tuple[str, ...]:  # the default queue plus the model's own
+        return (settings.redis.queue, keys.model_queue(served.metadata.sha256[:12]))
 
     reconciler = Reconciler(client, settings.redis.queue, resend, owner=hostname)
     stop = threading.Event()
@@ -74,14 +83,15 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         pid=os.getpid(),
         model=engine.model_id,
         device=str(engine.device),
-        queues=(settings.redis.queue,),
+        queues=queues_for(engine),
         started=time.time(),
     )
 
     def status() -> dict[str, Any]:  # the heartbeat follows a reload: model (and queues) from the next beat
-        return {**batcher.health(), "model": batcher.engine.model_id}
+        return {**batcher.health(), "model": batcher.engine.model_id, "queues": queues_for(batcher.engine)}
 
     reload_lock = threading.Lock()
+    consuming: dict[str, Any] = {}  # the running Celery worker, for re-subscribing after a reload
 
     def reload_model() -> None:
         """Load the model file again and switch to it between batches; a file that fails its checks is refused
@@ -106,6 +116,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                 return
             batcher.engine = new
             pipeline.engine = new
+            _resubscribe(consuming.get("worker"), queues_for(old)[1], queues_for(new)[1])
             metrics.MODEL_INFO.labels(name=old.metadata.name, sha=old.metadata.sha256[:12]).set(0)
             metrics.describe_worker(str(new.device), new.metadata.name, new.metadata.sha256)
             log.warning("model reloaded: %s -> %s", old.model_id, new.model_id)
@@ -124,12 +135,12 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
 
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     log.info(
-        "imgpipe worker %d: model %s on %s; queue %r at %s; allowed roots %s; batches of up to %d images "
+        "imgpipe worker %d: model %s on %s; queues %s at %s; allowed roots %s; batches of up to %d images "
         "(waiting up to %d ms); %d messages at a time, %d images in work%s",
         os.getpid(),
         engine.model_id,
         engine.device,
-        settings.redis.queue,
+        ", ".join(queues_for(engine)),
         safe_url(settings.redis.url),
         ":".join(str(r) for r in settings.security.allowed_roots),
         settings.batch.max_batch,
@@ -144,7 +155,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         while True:
             celery_worker = app.Worker(
                 hostname=hostname,
-                queues=[settings.redis.queue],
+                queues=list(queues_for(batcher.engine)),
                 loglevel=loglevel.upper(),
                 quiet=True,
                 without_gossip=True,
@@ -153,6 +164,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                 optimization="fair",
             )
             health.connected = functools.partial(consumer_connected, celery_worker)
+            consuming["worker"] = celery_worker
             _keep_hup(celery_worker, on_hup)
             celery_worker.start()
             code = int(celery_worker.exitcode or 0)
@@ -172,6 +184,21 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         metrics_server.mark_this_process_dead()
         client.close()
     return code
+
+
+def _resubscribe(celery_worker: Any, old_queue: str, new_queue: str) -> None:
+    """Stop taking the old model's queue and take the new one's, in the consumer's own event loop. Messages of
+    the old queue already prefetched are sent back to it by the pipeline's pin check."""
+    consumer = getattr(celery_worker, "consumer", None)
+    hub = getattr(consumer, "hub", None)
+    if old_queue == new_queue or consumer is None or hub is None:
+        return  # not consuming yet: the next start takes queues_for(the new engine)
+
+    def switch() -> None:
+        consumer.cancel_task_queue(old_queue)
+        consumer.add_task_queue(new_queue)
+
+    hub.call_soon(switch)
 
 
 def _keep_hup(celery_worker: Any, handler: Any) -> None:
