@@ -134,7 +134,7 @@ def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
         served.write_bytes(served.read_bytes()[:1000])
         os.kill(worker.pid, signal.SIGHUP)
         wait_until(lambda: "model reload refused" in worker.log(), 60, "the refusal")
-        again = _enqueue(redis_url, str(data / "img00000.png"))
+        again = _enqueue(redis_url, str(data / "img00000.png"), "--model", new_id)  # re-subscribed: beta's queue
         wait_for_job(client, again, timeout=60, workers=workers)
         assert {r["model"] for r in iter_records(client, again)} == {new_id}
         worker.check_alive()
@@ -215,3 +215,17 @@ def test_a_pinned_message_in_the_wrong_queue_is_sent_to_its_model_queue_not_proc
         wait_for_job(client, job_id, timeout=120, workers=workers)
         records = assert_exactly_once(client, job_id, images)
     assert {r["model"] for r in records.values()} == {beta}
+
+
+@pytest.mark.timeout(60)
+def test_reconcile_sends_a_pinned_jobs_lost_messages_to_its_model_queue(redis_url: str, client: redis.Redis) -> None:
+    from imgpipe.jobs import add_pending, create_job
+
+    pin = "beta@00112233aabb"
+    job_id = create_job(client, None, kind="batch", roots=["/data"], ttl_seconds=3600, pin=pin)
+    pipe = client.pipeline()
+    add_pending(pipe, job_id, {"m1": ["/data/1.png"], "m2": ["/data/2.png"]}, 3600)
+    pipe.execute()
+    result = run_cli("reconcile", job_id, "--grace", "0", env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+    assert result.returncode == 0 and "2 lost messages" in result.stderr, result.stderr
+    assert client.llen(keys.model_queue("00112233aabb")) == 2 and client.llen("imgpipe") == 0
