@@ -86,3 +86,7 @@ LOST_GRACE_S = 10.0
 WORK_IMAGES_PER_BATCH_IMAGE = 2
 # Seconds a consumer that stopped on an error waits before the worker starts it again.
 CONSUMER_RESTART_S = 2.0
+# 1: a worker reloads its model when the model file is replaced (IMGPIPE_RELOAD); SIGHUP reloads either way.
+RELOAD = 0
+# Seconds a replaced model file must stay quiet before a watching worker loads it (a copy in progress waits).
+RELOAD_SETTLE_S = 1.0

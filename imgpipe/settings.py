@@ -89,6 +89,7 @@ class WorkerSettings:
     work_images: int | None = None  # images in decode/inference at once; None: 2 x max batch
     max_message_paths: int = defaults.MAX_MESSAGE_PATHS
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    reload: int = defaults.RELOAD  # 1: reload the model when its file is replaced (docs/models.md)
 
 
 SECTIONS = ("redis", "model", "batch", "producer", "security", "metrics", "exporter", "worker")
@@ -203,6 +204,7 @@ VARS: tuple[Var, ...] = (
     ),
     Var("MAX_MESSAGE_PATHS", "worker", "max_message_paths", "int", "larger messages are refused", 1),
     Var("MAX_MESSAGE_BYTES", "worker", "max_message_bytes", "int", "messages with more path text are refused", 1),
+    Var("RELOAD", "worker", "reload", "int", "1: reload the model when its file is replaced (SIGHUP always does)", 0),
 )
 VARS_BY_NAME = {var.name: var for var in VARS}
 

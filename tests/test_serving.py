@@ -229,3 +229,17 @@ def test_reconcile_sends_a_pinned_jobs_lost_messages_to_its_model_queue(redis_ur
     result = run_cli("reconcile", job_id, "--grace", "0", env=cli_env(IMGPIPE_REDIS_URL=redis_url))
     assert result.returncode == 0 and "2 lost messages" in result.stderr, result.stderr
     assert client.llen(keys.model_queue("00112233aabb")) == 2 and client.llen("imgpipe") == 0
+
+
+@pytest.mark.timeout(120)
+def test_with_imgpipe_reload_a_replaced_model_file_is_loaded_without_a_signal(
+    tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
+) -> None:
+    served = tmp_path / "models" / "served.pt"
+    old_id = variant(default_model, served, "alpha", 0.0)
+    with _workers(tmp_path, redis_url, tmp_path, IMGPIPE_MODEL=str(served), IMGPIPE_RELOAD="1") as workers:
+        worker = workers.start("--device", "cpu")
+        assert [w.model for w in live_workers(client)] == [old_id]
+        new_id = variant(default_model, served, "beta", 1e-3)  # export writes a .tmp and renames it
+        wait_until(lambda: f"model reloaded: {old_id} -> {new_id}" in worker.log(), 60, "the reload")
+        wait_until(lambda: [w.model for w in live_workers(client)] == [new_id], 30, "the heartbeat names beta")

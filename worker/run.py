@@ -10,6 +10,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from imgpipe import defaults, keys
@@ -125,6 +127,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         threading.Thread(target=reload_model, name="imgpipe-reload", daemon=True).start()
 
     signal.signal(signal.SIGHUP, on_hup)
+    watcher = _watch_model(settings.model.resolved_path(), reload_model) if settings.worker.reload else None
     health = HealthReporter(health_dir(settings), me, status).start()  # read by `imgpipe worker --check`
     heartbeat = Heartbeat(client, me, health.status, on_beat=leases.renew).start()
     if parent_pid is not None:
@@ -176,6 +179,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             time.sleep(defaults.CONSUMER_RESTART_S)
     finally:
         stop.set()
+        if watcher is not None:
+            watcher.stop()
         heartbeat.close()
         health.close()
         batcher.close()
@@ -199,6 +204,40 @@ def _resubscribe(celery_worker: Any, old_queue: str, new_queue: str) -> None:
         consumer.add_task_queue(new_queue)
 
     hub.call_soon(switch)
+
+
+def _watch_model(path: Path, reload: Callable[[], None]) -> Any:
+    """Reload when ``path`` is replaced or rewritten (watchdog on its folder; ``*.tmp`` files are ignored, so
+    an export's rename is one event), once the file has been quiet for RELOAD_SETTLE_S seconds."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    target = os.path.abspath(path)
+    pending: list[threading.Timer] = []
+    lock = threading.Lock()
+
+    class Changed(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type not in ("created", "moved", "modified", "closed"):
+                return
+            touched = {os.path.abspath(os.fsdecode(p)) for p in (event.src_path, getattr(event, "dest_path", "")) if p}
+            if target not in touched:
+                return
+            with lock:  # debounce: one reload after the last event
+                for timer in pending:
+                    timer.cancel()
+                pending.clear()
+                timer = threading.Timer(defaults.RELOAD_SETTLE_S, reload)
+                timer.daemon = True
+                timer.start()
+                pending.append(timer)
+
+    observer = Observer()
+    observer.schedule(Changed(), os.path.dirname(target), recursive=False)
+    observer.daemon = True
+    observer.start()
+    log.info("watching %s: the model reloads when the file is replaced", target)
+    return observer
 
 
 def _keep_hup(celery_worker: Any, handler: Any) -> None:
