@@ -493,10 +493,10 @@ def model_info(model_path: Path, as_json: bool) -> None:
     """
     import json
 
-    from imgpipe.model import export
+    from imgpipe.model import modelfile
     from imgpipe.model.info import describe, render
 
-    _, metadata = export.load(model_path)
+    _, metadata = modelfile.load(model_path)
     info = describe(model_path, metadata)
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 

@@ -15,7 +15,7 @@ import torch
 from imgpipe import threads
 from imgpipe.devices import parse_device
 from imgpipe.errors import ImageError
-from imgpipe.model import export, jit, oom
+from imgpipe.model import export, jit, modelfile, oom
 from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
 from imgpipe.safety import read_confined
@@ -83,7 +83,7 @@ class Engine:
         (0: chosen for the device from the cores available, imgpipe/threads.py)."""
         dev = select_device(device)
         torch.set_num_threads(torch_threads or threads.torch_threads(dev.type))
-        module, metadata = export.load(Path(path), dev)
+        module, metadata = modelfile.load(Path(path), dev)
         return cls(module, metadata, dev, topk=topk, security=security)
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from imgpipe.errors import ConfigError, ModelFileError
-from imgpipe.model import export, jit
+from imgpipe.model import export, jit, modelfile
 from imgpipe.model.net import AUX_PREFIXES, build_model, check_arch, fit_state_dict, head_keys, read_state_dict
 from imgpipe.model.preprocess import Preset
 
@@ -149,7 +149,7 @@ def write_checked(
         extra=extra,
     )
     try:
-        module, _ = export.load(out)
+        module, _ = modelfile.load(out)
         with torch.inference_mode():
             got = module(fixed_inputs(preset))
         if not isinstance(got, torch.Tensor):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import ModelFileError
-from imgpipe.model import export
+from imgpipe.model import export, modelfile
 
 MODEL_SUFFIXES = (".pt", ".pts", ".ts", ".torchscript")
 
@@ -94,7 +94,7 @@ def list_folder(folder: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES):
         try:
-            rows.append(describe(path, export.read_metadata(path)))
+            rows.append(describe(path, modelfile.read_metadata(path)))
         except ModelFileError as exc:
             rows.append({"file": str(path), "bytes": path.stat().st_size, "error": str(exc).removeprefix(f"{path}: ")})
     return rows

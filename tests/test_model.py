@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imgpipe.errors import ConfigError, ImageError, ModelFileError
-from imgpipe.model import export, jit
+from imgpipe.model import export, jit, modelfile
 from imgpipe.model.engine import Engine, select_device
 from imgpipe.model.net import ConvNet, architectures, build_model, head_keys
 from imgpipe.model.preprocess import Preset
@@ -63,7 +63,7 @@ def test_convnet_halves_resolution_per_block_and_builds_torchvision_archs() -> N
 def test_export_load_round_trip_keeps_metadata(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     written = export_small(path)
-    _, metadata = export.load(path)
+    _, metadata = modelfile.load(path)
     assert metadata.labels == tuple(LABELS) and metadata.preset == written.preset
     assert metadata.sha256 == written.sha256 == export_small(tmp_path / "again.pt").sha256  # same model, same id
     assert metadata.model_id == f"small@{written.sha256[:12]}" and metadata.version == 2
@@ -74,7 +74,7 @@ def test_export_load_round_trip_keeps_metadata(tmp_path: Path) -> None:
 def test_model_id_covers_weights_graph_labels_and_preset(tmp_path: Path) -> None:
     """The sha256 changes with anything that changes a prediction, and only with that."""
     base = export_small(tmp_path / "base.pt")
-    module, _ = export.load(tmp_path / "base.pt")
+    module, _ = modelfile.load(tmp_path / "base.pt")
     frozen = jit.freeze(module)  # weights folded into the graph: an empty state dict
     assert not frozen.state_dict()
 
@@ -99,7 +99,7 @@ def test_model_id_covers_weights_graph_labels_and_preset(tmp_path: Path) -> None
         export_small(tmp_path / "weights.pt", small_net(seed=1)).sha256,
     }
     assert len(ids) == 5
-    frozen_module, frozen_meta = export.load(tmp_path / "frozen.pt")
+    frozen_module, frozen_meta = modelfile.load(tmp_path / "frozen.pt")
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(frozen_module(x), module(x), atol=1e-5) and frozen_meta.sha256 in ids
 
@@ -116,7 +116,7 @@ def test_an_edited_archive_is_refused(tmp_path: Path) -> None:
                 data = bytes([data[0] ^ 1]) + data[1:]
             dst.writestr(info, data)
     with pytest.raises(ModelFileError, match="does not match metadata"):
-        export.load(edited)
+        modelfile.load(edited)
 
 
 def test_metadata_version_1_files_still_load(tmp_path: Path) -> None:
@@ -126,12 +126,12 @@ def test_metadata_version_1_files_still_load(tmp_path: Path) -> None:
     meta.update(version=1, sha256=export.weights_sha256(net))
     old = tmp_path / "v1.pt"
     jit.save(jit.script(net), old, {export.METADATA_FILE: json.dumps(meta)})
-    _, metadata = export.load(old)
+    _, metadata = modelfile.load(old)
     assert metadata.version == 1 and metadata.model_id == f"small@{meta['sha256'][:12]}"
     meta["sha256"] = "0" * 64
     jit.save(jit.script(net), old, {export.METADATA_FILE: json.dumps(meta)})
     with pytest.raises(ModelFileError, match="does not match metadata"):
-        export.load(old)
+        modelfile.load(old)
 
 
 def test_exported_model_matches_eager_model_on_fixed_inputs(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_exported_model_matches_eager_model_on_fixed_inputs(tmp_path: Path) -> N
     net = small_net(seed=3)
     path = tmp_path / "m.pt"
     export_small(path, net)
-    module, _ = export.load(path)
+    module, _ = modelfile.load(path)
     inputs = torch.linspace(-2, 2, 4 * 16 * 16).reshape(4, 1, 16, 16)  # (B, C, H, W), fixed
     with torch.inference_mode():
         eager, scripted = net(inputs), module(inputs)
@@ -151,18 +151,18 @@ def test_load_refuses_pickles_state_dicts_and_tampering(tmp_path: Path) -> None:
     pickled = tmp_path / "evil.pt"
     pickled.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
     with pytest.raises(ModelFileError, match="raw pickle"):
-        export.load(pickled)
+        modelfile.load(pickled)
     state = tmp_path / "state.pt"
     torch.save(small_net().state_dict(), state)
     with pytest.raises(ModelFileError, match="state dict"):
-        export.load(state)
+        modelfile.load(state)
     with pytest.raises(ModelFileError, match="not found"):
-        export.load(tmp_path / "absent.pt")
+        modelfile.load(tmp_path / "absent.pt")
 
     bare = tmp_path / "bare.pt"
     jit.save(jit.script(small_net()), bare, {})
     with pytest.raises(ModelFileError, match="without imgpipe metadata"):
-        export.load(bare)
+        modelfile.load(bare)
 
     good = tmp_path / "good.pt"
     meta = export_small(good)
@@ -171,12 +171,12 @@ def test_load_refuses_pickles_state_dicts_and_tampering(tmp_path: Path) -> None:
     tampered = tmp_path / "tampered.pt"
     jit.save(jit.script(small_net()), tampered, {export.METADATA_FILE: json.dumps(forged)})
     with pytest.raises(ModelFileError, match="does not match metadata"):
-        export.load(tampered)
+        modelfile.load(tampered)
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(ModelFileError):
-        export.load(truncated)
+        modelfile.load(truncated)
     assert zipfile.is_zipfile(good)
 
 
@@ -248,7 +248,7 @@ def test_torchscript_deprecation_is_handled_in_one_place(tmp_path: Path, default
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_small(tmp_path / "m.pt")
-        export.load(tmp_path / "m.pt")
+        modelfile.load(tmp_path / "m.pt")
         Engine.load(default_model, "cpu")
     with pytest.warns(FutureWarning, match="deprecated"):
         torch.jit.script(small_net())  # the warning itself is still there outside model/jit.py

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from imgpipe.cli import cli
-from imgpipe.model import export, jit
+from imgpipe.model import jit, modelfile
 from imgpipe.model.oom import largest_batch, run_split_on_oom
 from imgpipe.model.preprocess import Preset, decode_image
 from tests.conftest import run_cli
@@ -96,7 +96,7 @@ def test_import_torchscript_then_classify_matches_the_original(sources: dict[str
         "--mean", MEAN, "--std", STD, "--name", "products", "-o", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    _, metadata = export.load(out)
+    _, metadata = modelfile.load(out)
     assert metadata.model_id in result.stderr and metadata.model_id.startswith("products@")
     assert metadata.labels == tuple(LABELS) and metadata.arch == "torchscript"
     assert metadata.preset == Preset(SIZE, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -113,7 +113,7 @@ def test_import_arch_and_state_dict_then_classify_matches_the_original(
         "--labels", str(sources["labels"]), "--input-size", str(SIZE), "-o", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    _, metadata = export.load(out)
+    _, metadata = modelfile.load(out)
     # The preset not given on the command line comes from torchvision's resnet18 weights' transforms.
     assert metadata.preset.mean == (0.485, 0.456, 0.406) and metadata.preset.crop_ratio == pytest.approx(224 / 256)
     assert metadata.arch == "resnet18" and metadata.preset.input_size == SIZE
@@ -129,7 +129,7 @@ def test_import_safetensors_when_the_package_is_installed(sources: dict[str, Pat
     safetensors_torch.save_file(fresh_resnet18().state_dict(), str(weights))
     preset = Preset(SIZE, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     metadata = import_state_dict("resnet18", weights, tmp_path / "m.pt", labels=LABELS, preset=preset, name="st")
-    module, _ = export.load(tmp_path / "m.pt")
+    module, _ = modelfile.load(tmp_path / "m.pt")
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
         assert torch.allclose(module(x), fresh_resnet18()(x), atol=1e-4)
@@ -168,7 +168,7 @@ def test_import_mistakes_are_one_line_errors_and_write_nothing(sources: dict[str
 def test_model_info_and_list_show_what_a_file_holds(default_model: Path, tmp_path: Path) -> None:
     info = invoke("model", "info", str(default_model))
     assert info.exit_code == 0, info.stderr
-    _, metadata = export.load(default_model)
+    _, metadata = modelfile.load(default_model)
     for text in (metadata.model_id, "convnet", "10: 0, 1, 2", "16x16 grayscale", "1.0000 (validation)", "sha256"):
         assert text in info.stdout, info.stdout
     as_json = json.loads(invoke("model", "info", "--json", str(default_model)).stdout)
@@ -258,7 +258,7 @@ def test_import_torch_export_program_with_a_dynamic_batch(tmp_path: Path) -> Non
     torch.export.save(program, str(source))
     preset = Preset(16, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     metadata = import_torchscript(source, tmp_path / "m.pt", labels=LABELS, preset=preset, name="exported")
-    module, loaded = export.load(tmp_path / "m.pt")
+    module, loaded = modelfile.load(tmp_path / "m.pt")
     x = torch.randn(5, 3, 16, 16)
     with torch.inference_mode():
         assert torch.allclose(module(x), net(x), atol=1e-5)

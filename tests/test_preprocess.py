@@ -244,11 +244,11 @@ def test_jpegs_decode_through_simplejpeg_like_pillow_and_fall_back_for_rotation_
 
 
 def test_the_optimized_cpu_engine_matches_the_model_file_module(default_model: Path) -> None:
-    from imgpipe.model import export
+    from imgpipe.model import modelfile
     from imgpipe.model.engine import Engine
 
     engine = Engine.load(default_model, "cpu")
-    plain, _ = export.load(default_model, "cpu")
+    plain, _ = modelfile.load(default_model, "cpu")
     batch = torch.randn(8, engine.preset.channels, engine.preset.input_size, engine.preset.input_size)
     with torch.inference_mode():
         expected = torch.softmax(plain(batch), dim=1).topk(engine.topk, dim=1)

@@ -13,7 +13,7 @@ import torch
 
 from imgpipe import keys
 from imgpipe.jobs import iter_records
-from imgpipe.model import export
+from imgpipe.model import export, modelfile
 from imgpipe.model.engine import Engine
 from imgpipe.procs import wait_until
 from imgpipe.registry import live_workers
@@ -69,7 +69,7 @@ def test_fake_cuda_oom_splits_the_batch_and_charges_no_message(tmp_path: Path, d
 def variant(source: Path, out: Path, name: str, nudge: float) -> str:
     """Another valid model file from ``source``: its network with one bias nudged (so the sha differs) under
     ``name``; returns its model id."""
-    module, meta = export.load(source)
+    module, meta = modelfile.load(source)
     with torch.no_grad():
         bias = [p for n, p in module.named_parameters() if n.endswith("bias")][-1]
         bias.add_(nudge)

@@ -14,7 +14,7 @@ import torchvision
 from click.testing import CliRunner, Result
 
 from imgpipe.cli import cli
-from imgpipe.model import export
+from imgpipe.model import modelfile
 from imgpipe.model.train import Augment, TrainConfig, random_affine, train
 from tests.conftest import run_cli
 
@@ -43,14 +43,14 @@ def test_short_training_from_scratch_reaches_the_bar(tmp_path: Path, demo_data: 
     report = json.loads(out.with_suffix("").with_name("digits.report.json").read_text())
     assert report["accuracy"] == result.evaluation.accuracy and len(report["confusion"]) == 10
     assert report["best_epoch"] == result.best_epoch
-    _, metadata = export.load(out)
+    _, metadata = modelfile.load(out)
     assert metadata.val_accuracy == round(result.evaluation.accuracy, 6)
     assert metadata.labels == tuple(str(i) for i in range(10))
     assert metadata.preset.channels == 1 and metadata.preset.input_size == 16
 
 
 def test_shipped_model_metadata(default_model: Path) -> None:
-    _, metadata = export.load(default_model)
+    _, metadata = modelfile.load(default_model)
     assert metadata.name == "digits-cnn" and metadata.val_accuracy is not None
     assert metadata.val_accuracy >= ACCURACY_BAR
     assert default_model.stat().st_size < 5_000_000
@@ -96,7 +96,7 @@ def test_fine_tune_from_a_local_weights_file_keeps_a_frozen_backbone(small_data:
         "--freeze-backbone", "--input-size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    module, metadata = export.load(out)
+    module, metadata = modelfile.load(out)
     assert metadata.model_id == model_id_from(result.stderr) and metadata.labels == ("0", "1", "2")
     assert metadata.arch == "resnet18" and metadata.preset.mean == (0.485, 0.456, 0.406)
     assert metadata.preset.crop_ratio == pytest.approx(224 / 256) and metadata.preset.input_size == 32
