@@ -7,13 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from imgpipe import keys
 from imgpipe.jobs import iter_records
+from imgpipe.procs import wait_until
 from imgpipe.records import read_records
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
@@ -100,14 +100,13 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
     with _workers(tmp_path, redis_url, data, **env) as workers:
         doomed = workers.start()
         job_id = _enqueue(redis_url, str(data), "--chunk-size", "8")
-        deadline = time.monotonic() + 60
-        while True:
-            progress = client.hmget(keys.job(job_id), ["done", "failed"])
-            completed = sum(int(v or 0) for v in progress)
-            if completed >= 40:
-                break
-            assert time.monotonic() < deadline, workers.logs()
-            time.sleep(0.005)
+        wait_until(
+            lambda: sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40,
+            60,
+            "40 records written",
+            interval=0.005,
+            check=doomed.check_alive,
+        )
         doomed.kill9()
         completed = sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"]))
         held = client.hlen("unacked")  # kombu's record of messages taken and not acknowledged

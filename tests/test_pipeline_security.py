@@ -18,6 +18,7 @@ from PIL import Image
 
 from imgpipe import keys
 from imgpipe.jobs import create_job, iter_records, seal_job
+from imgpipe.procs import wait_until
 from imgpipe.producer.enqueue import enqueue_paths
 from imgpipe.settings import RedisSettings
 from tests.conftest import cli_env, free_port, run_cli
@@ -130,10 +131,10 @@ def test_a_pickle_message_is_refused_and_the_worker_keeps_serving(
                     "expires": None,
                 },
             )
-        deadline = time.monotonic() + 30
-        while "refused a message (content_type)" not in worker.log():  # refused by the worker's transport
-            assert time.monotonic() < deadline, workers.logs()
-            time.sleep(0.05)
+        # Refused by the worker's transport.
+        wait_until(
+            lambda: "refused a message (content_type)" in worker.log(), 30, "pickle refused", check=worker.check_alive
+        )
         job_id = _job(client, redis_url, good)
         job = wait_for_job(client, job_id, timeout=60, workers=workers)
         assert int(job["done"]) == 6

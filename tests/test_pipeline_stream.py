@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 
 from imgpipe.jobs import iter_records
-from imgpipe.procs import imgpipe_argv
+from imgpipe.procs import imgpipe_argv, wait_until
 from tests.conftest import REPO, cli_env, free_port, run_cli
 from tests.images import write_good
 from tests.workers import Workers, histogram, scrape, wait_for_job
@@ -44,10 +44,9 @@ def test_files_copied_into_a_watched_folder_come_back_labelled_in_batches(tmp_pa
             for i, source in enumerate(sources):
                 shutil.copy(source, incoming / ("2024/05" if i % 2 else "") / source.name)
             expected = {str(incoming / ("2024/05" if i % 2 else "") / s.name) for i, s in enumerate(sources)}
-            deadline = time.monotonic() + 60
-            while len(list(iter_records(client, "stream-1"))) < 40:
-                assert time.monotonic() < deadline, workers.logs()
-                time.sleep(0.1)
+            wait_until(
+                lambda: len(list(iter_records(client, "stream-1"))) >= 40, 60, "40 streamed records", interval=0.1
+            )
         finally:
             watch.send_signal(signal.SIGINT)
             _out, err = watch.communicate(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import redis
 from imgpipe import keys
 from imgpipe.errors import ConfigError
 from imgpipe.jobs import create_job, job_status, seal_job
+from imgpipe.procs import ProcessError, wait_until
 from imgpipe.producer.enqueue import chunked, enqueue_paths
 from imgpipe.producer.watch import Watcher
 from imgpipe.scan import distinct_roots, scan, scan_all
@@ -221,9 +223,8 @@ def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) ->
         staged = tmp_path / "staged.png"
         _touch(staged, b"d" * 30)
         staged.rename(root / "moved.png")  # moved in whole
-        deadline = time.monotonic() + 10
-        while len(seen) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(ProcessError):
+            wait_until(lambda: len(seen) >= 4, 10, "four files seen")
         (root / "quick.png").write_bytes(b"a" * 200)  # rewritten later: already sent, not sent again
         time.sleep(1.5)
     finally:
