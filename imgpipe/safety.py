@@ -250,25 +250,6 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError("not_regular", "not a regular file")
-        if info.st_size == 0:
-            raise ImageError("empty", "empty file (0 bytes)")
-        if info.st_size > max_bytes:
-            raise ImageError("too_large", f"file is {info.st_size} bytes; the limit is {max_bytes}")
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise ImageError("too_large", f"file grew past the limit of {max_bytes} bytes while reading")
-        if not data:
-            raise ImageError("empty", "empty file (0 bytes)")
-        return data
-    except OSError as exc:
-        raise ImageError("unreadable", f"cannot read file: {exc.strerror or exc}") from None
+        return _read_open(fd, info.st_size, max_bytes)
     finally:
         os.close(fd)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -48,10 +52,19 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     connection.close()
 
 
+@functools.cache
+def _health_dir() -> str:
+    path = tempfile.mkdtemp(prefix="imgpipe-test-health-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment a subprocess `imgpipe` gets: this one, minus IMGPIPE_* from the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # Workers' health sentinels in a folder of this test session, never the machine-wide default.
+    env["IMGPIPE_HEALTH_DIR"] = _health_dir()
     env.update(extra)
     return env
 

@@ -628,7 +628,8 @@ def test_a_plain_install_runs_the_producer_commands_without_torch(tmp_path: Path
 
     python = venv / "bin" / "python"
     imgpipe = venv / "bin" / "imgpipe"
-    env = cli_env(IMGPIPE_REDIS_URL=redis_url)
+    # A health folder of its own: workers of other test runs on this machine must not answer the probe.
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_HEALTH_DIR=str(tmp_path / "health"))
 
     def run(*args: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
