@@ -28,6 +28,23 @@ COMPOSE = REPO / "docker-compose.yml"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
 
+# Every alert rule imgpipe ships (deploy/prometheus/rules/alerts.yml); a real Prometheus loads the same set
+# in tests/test_observability.py.
+ALERTS = frozenset(
+    {
+        "ImgpipeBacklogStalled",
+        "ImgpipeErrorRatioHigh",
+        "ImgpipeWorkerDown",
+        "ImgpipeNoWorkers",
+        "ImgpipeDeadLettersGrowing",
+        "ImgpipeDrainTimeHigh",
+        "ImgpipeExporterBlind",
+        "ImgpipeAutoscalingInputMissing",
+        "ImgpipeRedisMemoryHigh",
+    }
+)
+
+
 def grafana_expr(expr: str) -> str:
     """A dashboard query as Grafana sends it to Prometheus."""
     for name, text in GRAFANA_VARIABLES.items():
@@ -87,17 +104,7 @@ def test_every_alert_is_shown_firing_by_a_unit_test() -> None:
         for group in load_yaml(path)["tests"]:
             fired |= {c["alertname"] for c in group.get("alert_rule_test", []) if c.get("exp_alerts")}
             tested_records |= {c["expr"] for c in group.get("promql_expr_test", [])}
-    assert alert_names() == {
-        "ImgpipeBacklogStalled",
-        "ImgpipeErrorRatioHigh",
-        "ImgpipeWorkerDown",
-        "ImgpipeNoWorkers",
-        "ImgpipeDeadLettersGrowing",
-        "ImgpipeDrainTimeHigh",
-        "ImgpipeExporterBlind",
-        "ImgpipeAutoscalingInputMissing",
-        "ImgpipeRedisMemoryHigh",
-    }
+    assert alert_names() == ALERTS
     assert fired == alert_names()
     assert recording_names() <= tested_records
 

@@ -26,7 +26,7 @@ from imgpipe.procs import ProcessError, imgpipe_argv
 from imgpipe.procs import wait_until as poll_until
 from tests.conftest import REPO, cli_env, free_port
 from tests.images import write_bad, write_good
-from tests.test_deploy import DASHBOARD, dashboard_targets, grafana_expr
+from tests.test_deploy import ALERTS, DASHBOARD, dashboard_targets, grafana_expr
 from tests.test_metrics import assert_bounded_labels, scrape, value, wait_for_port
 
 DEPLOY = REPO / "deploy"
@@ -260,17 +260,7 @@ def test_alert_rules_evaluate_and_stay_quiet(stack: Stack) -> None:
         if active <= quiet_allowed or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert {r["name"] for r in rules if r["type"] == "alerting"} == {
-        "ImgpipeBacklogStalled",
-        "ImgpipeErrorRatioHigh",
-        "ImgpipeWorkerDown",
-        "ImgpipeNoWorkers",
-        "ImgpipeDeadLettersGrowing",
-        "ImgpipeDrainTimeHigh",
-        "ImgpipeExporterBlind",
-        "ImgpipeAutoscalingInputMissing",
-        "ImgpipeRedisMemoryHigh",
-    }
+    assert {r["name"] for r in rules if r["type"] == "alerting"} == ALERTS
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
     assert active <= quiet_allowed, active
