@@ -86,9 +86,12 @@ class Batcher:
         self._runner.join(timeout)
         self._started = False
 
-    def submit(self, paths: Sequence[str], source: str = "") -> list[Future[Record]]:
-        """Queue ``paths``; each future resolves to that path's record (or to the exception of its batch)."""
-        items = [_Item(path, source) for path in paths]
+    def submit(self, paths: Sequence[str], source: str = "", received: float | None = None) -> list[Future[Record]]:
+        """Queue ``paths``; each future resolves to that path's record (or to the exception of its batch).
+
+        ``received``: time.monotonic() of the message's receipt (default now), the start of its latency."""
+        at = time.monotonic() if received is None else received
+        items = [_Item(path, source, received=at) for path in paths]
         with self._lock:
             self._busy += len(items)
         for item in items:
@@ -167,6 +170,9 @@ class Batcher:
             for item in batch:
                 self.sizer.observe_latency(now - item.received)
         metrics.BATCH_SIZE.observe(len(batch))
+        done = time.monotonic()
+        for item in batch:
+            metrics.IMAGE_LATENCY.observe(done - item.received)
         metrics.observe_device(engine.device)
         log.debug("batch of %d images from %d messages", len(batch), len({item.source for item in batch}))
         for item, record in zip(batch, records, strict=True):

@@ -52,6 +52,13 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+# Seconds from a message's receipt by the worker to one image's record being ready (the p95 target of
+# IMGPIPE_MAX_LATENCY_MS is on this): queueing for a work slot, decode, batch fill wait and inference.
+IMAGE_LATENCY = Histogram(
+    "imgpipe_image_latency_seconds",
+    "Seconds from message receipt to the image's record",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 # Failed images by bounded reason code (imgpipe.errors.ImageError.REASONS).
 ERRORS = Counter("imgpipe_errors_total", "Images that failed, by reason", ["reason"])
 # Messages moved to the dead-letter list after too many deliveries.
