@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,10 +93,20 @@ def read_jobs_with(
     ``client`` is a ``redis.Redis``; jobs whose hash has expired are left out.
     """
     pipe = client.pipeline(transaction=False)
+    queue_job_reads(pipe, job_ids, extra)
+    return parse_job_reads(job_ids, pipe.execute())
+
+
+def queue_job_reads(pipe: Any, job_ids: Sequence[str], extra: Sequence[str] = ()) -> None:
+    """Add the reads of ``read_jobs_with`` to ``pipe`` (one HMGET per job), for a caller with more to pipeline."""
     for job_id in job_ids:
         pipe.hmget(keys.job(job_id), [*_FIELDS, *extra])
+
+
+def parse_job_reads(job_ids: Sequence[str], replies: Sequence[Any]) -> list[tuple[JobProgress, list[str | None]]]:
+    """The jobs (and extra fields) from the replies of ``queue_job_reads``, in order; expired jobs left out."""
     jobs = []
-    for job_id, values in zip(job_ids, pipe.execute(), strict=True):
+    for job_id, values in zip(job_ids, replies, strict=True):
         job = JobProgress.from_hash(job_id, values[: len(_FIELDS)])
         if job is not None:
             jobs.append((job, [as_text(v) for v in values[len(_FIELDS) :]]))
@@ -133,12 +143,16 @@ class RateWindow:
 
     def rate(self, job_id: str | None = None) -> float | None:
         """Images per second (of one job, or of all); None until two samples are at least a second apart."""
+        return self.rate_of(None if job_id is None else [job_id])
+
+    def rate_of(self, job_ids: Iterable[str] | None) -> float | None:
+        """Images per second of the jobs ``job_ids`` together (None: all jobs), as ``rate``."""
         if len(self._samples) < 2:
             return None
         (t0, old), (t1, new) = self._samples[0], self._samples[-1]
         if t1 - t0 < 1.0:
             return None
-        ids = new.keys() if job_id is None else [job_id]
+        ids = new.keys() if job_ids is None else job_ids
         gained = sum(max(0, new.get(j, 0) - old.get(j, 0)) for j in ids)
         return gained / (t1 - t0)
 

@@ -25,9 +25,10 @@ from imgpipe import keys
 from imgpipe.errors import ConfigError, ImageError
 from imgpipe.jobs import RateWindow, drain_seconds, read_jobs
 from imgpipe.procs import ProcessError, imgpipe_argv, wait_until
+from imgpipe.registry import WorkerInfo, write_heartbeat
 from imgpipe.settings import MetricsSettings, RedisSettings
 from imgpipe.worker import metrics, metrics_server
-from imgpipe.worker.exporter import RedisCollector, queue_keys
+from imgpipe.worker.exporter import MAX_MODEL_QUEUES, QueueSnapshot, RedisCollector, queue_keys, queues_to_report
 from tests.conftest import REPO, cli_env, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -151,15 +152,20 @@ def test_exporter_figures_from_redis(redis_url: str) -> None:
         server.close()
     rate = (22 + 3) / 10
     assert value(samples, metrics.REDIS_UP) == 1
-    assert value(samples, metrics.QUEUE_DEPTH) == 4
+    assert value(samples, metrics.QUEUE_DEPTH, queue="imgpipe") == 4
     assert value(samples, metrics.QUEUE_UNACKED) == 2
     assert value(samples, metrics.DEAD_LETTER_MESSAGES) == 1
     assert value(samples, metrics.JOBS_ACTIVE) == 2
     assert value(samples, metrics.BACKLOG_IMAGES) == 68 + 4
     assert value(samples, metrics.RECENT_RATE) == pytest.approx(rate)
     assert value(samples, metrics.DRAIN_SECONDS) == pytest.approx(72 / rate)
-    # Per-job numbers are totals only: no imgpipe sample carries a label, so no job id can leak into one.
-    assert all(not labels for (_name, labels) in imgpipe_samples(samples))
+    # No job pinned, no worker: the default queue is the only one, and its figures are the totals.
+    assert value(samples, metrics.QUEUE_BACKLOG_IMAGES, queue="imgpipe") == 72
+    assert value(samples, metrics.QUEUE_DRAIN_SECONDS, queue="imgpipe") == pytest.approx(72 / rate)
+    assert value(samples, metrics.QUEUE_WORKER_HOSTS, queue="imgpipe") == 0
+    # Per-job numbers are totals only: the one label an exporter sample carries is the queue, so no job id can
+    # leak into one.
+    assert {label for (_name, labels) in imgpipe_samples(samples) for label, _ in labels} == {"queue"}
     # Nothing of the worker's own metrics in the exporter's endpoint (it would count as a worker).
     assert not any(name.startswith("imgpipe_images") for name, _ in samples)
 
@@ -175,8 +181,68 @@ def test_exporter_collector_can_join_a_worker_endpoint(redis_url: str) -> None:
         samples = scrape(server.port)
     finally:
         server.close()
-    assert value(samples, metrics.QUEUE_DEPTH) == 1
+    assert value(samples, metrics.QUEUE_DEPTH, queue="imgpipe") == 1
     assert ("imgpipe_images_total", frozenset({("status", "ok")})) in samples
+
+
+def test_exporter_reports_each_queue(redis_url: str) -> None:
+    """Per queue: a pinned job's backlog, rate and drain on its model queue, the hosts of live workers consuming
+    each queue, and a model queue that holds messages though nothing names it (found by SCAN, not KEYS)."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    served, orphan, stuck = keys.model_queue("aaaaaaaaaaaa"), keys.model_queue("bbbbbbbbbbbb"), "cccccccccccc"
+    write_job(client, "plain", total=100, done=0, failed=0, created=now - 10)
+    write_job(client, "pinned", total=40, done=0, failed=0, created=now - 10)
+    write_job(client, "nobody", total=5, done=0, failed=0, created=now - 10)
+    client.hset(keys.job("pinned"), "pin", "resnet@aaaaaaaaaaaa")
+    client.hset(keys.job("nobody"), "pin", f"other@{stuck}")
+    client.rpush(queue_keys(served)[0], "m1", "m2")
+    client.rpush(queue_keys(orphan)[-1], "m3")  # a priority list only
+    for pid, host in ((1, "pod-a"), (2, "pod-a"), (3, "pod-b")):  # two processes on pod-a count as one host
+        info = WorkerInfo(f"w{pid}", host, pid, "resnet@aaaaaaaaaaaa", "cpu", ("imgpipe", served), now, seen=now)
+        write_heartbeat(client, info)
+    write_heartbeat(client, WorkerInfo("odd", "pod-c", 9, "m@x", "cpu", ("/etc/passwd",), now, seen=now))
+    for i in range(3000):  # SCAN steps through these, not KEYS
+        client.set(f"filler:{i}", 1)
+
+    clock = Clock(now)
+    collector = RedisCollector(client, "imgpipe", clock=clock)
+    first = collector.sample()
+    for _ in range(20):  # the orphan is found within a few samples, one SCAN step each
+        if keys.model_queue("bbbbbbbbbbbb") in collector.sample().queues:
+            break
+    client.hset(keys.job("pinned"), "done", 20)
+    clock.now += 10
+    snap = collector.sample()
+    assert list(first.queues)[:2] == ["imgpipe", served]
+    assert set(snap.queues) == {"imgpipe", served, orphan, keys.model_queue(stuck)}
+    assert snap.queues[served] == QueueSnapshot(depth=2, backlog=20, rate=2.0, drain=10.0, worker_hosts=2)
+    assert snap.queues["imgpipe"] == QueueSnapshot(depth=0, backlog=100, rate=0.0, drain=math.inf, worker_hosts=2)
+    assert snap.queues[orphan] == QueueSnapshot(depth=1, backlog=0, rate=0.0, drain=0.0, worker_hosts=0)
+    assert snap.queues[keys.model_queue(stuck)].worker_hosts == 0 and snap.queues[keys.model_queue(stuck)].backlog == 5
+    assert snap.queue_depth == 3 and snap.backlog == 125 and snap.rate == 2.0
+    # Emptied and named by nothing: the orphan is no longer reported.
+    client.delete(queue_keys(orphan)[-1])
+    clock.now += 1
+    collector.sample()
+    assert orphan not in collector.sample().queues
+
+
+def test_exporter_reports_a_bounded_set_of_queues() -> None:
+    many = [keys.model_queue(f"{i:012x}") for i in range(MAX_MODEL_QUEUES + 10)]
+    reported = queues_to_report("imgpipe", ["/data/x", "imgpipe", *many[:5]], [*many, "imgpipe:model:nothex"])
+    assert reported[0] == "imgpipe" and len(reported) == 1 + MAX_MODEL_QUEUES
+    assert set(many[:5]) <= set(reported) and all("/" not in q and "nothex" not in q for q in reported)
+
+
+def test_every_refusal_reason_and_resend_cause_is_initialised() -> None:
+    """The reasons and causes spelled in the code are the ones created at 0 (so rate() sees the first one).
+    (A path's own reasons, ``return "not_allowed", ...``, are image errors, not refusals.)"""
+    sources = "".join((REPO / p).read_text() for p in ("imgpipe/messages.py", "worker/transport.py"))
+    spelled = set(re.findall(r'Refused\("(\w+)"', sources)) | set(re.findall(r'return "(\w+)"$', sources, re.M))
+    assert spelled == set(metrics.REFUSAL_REASONS)
+    runs = "".join((REPO / p).read_text() for p in ("worker/run.py", "worker/pipeline.py"))
+    assert set(re.findall(r'RESENT\.labels\(cause="(\w+)"\)', runs)) == set(metrics.RESEND_CAUSES)
 
 
 def test_exporter_drain_is_infinite_when_backlog_does_not_move(redis_url: str) -> None:
@@ -229,7 +295,7 @@ def test_exporter_command(redis_url: str, tmp_path: Path) -> None:
     try:
         port = wait_for_port(proc)
         samples = scrape(port)
-        assert value(samples, metrics.QUEUE_DEPTH) == 2
+        assert value(samples, metrics.QUEUE_DEPTH, queue="imgpipe") == 2
         assert value(samples, metrics.REDIS_UP) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -349,7 +415,9 @@ def test_multiprocess_sums_forked_children(forking_server: tuple[subprocess.Pope
 ALLOWED_LABELS: dict[str, set[str] | None] = {
     "status": set(metrics.STATUSES),
     "stage": set(metrics.STAGES),
-    "reason": set(ImageError.REASONS),
+    "reason": set(ImageError.REASONS) | set(metrics.REFUSAL_REASONS),  # errors_total, messages_refused_total
+    "cause": set(metrics.RESEND_CAUSES),
+    "queue": None,  # the default queue or a model queue: checked below
     "le": None,  # histogram bucket bounds, fixed by the code
     "gpu": None,  # GPU index: checked to be digits below
     "device": None,  # cpu | cuda:N: checked below
@@ -374,6 +442,8 @@ def assert_bounded_labels(samples: Samples) -> None:
                 assert re.fullmatch(r"cpu|cuda:\d+", text), text
             if label == "sha":
                 assert re.fullmatch(r"[0-9a-f]{12}", text), text
+            if label == "queue":
+                assert re.fullmatch(r"imgpipe(:model:[0-9a-f]{12})?", text), text
 
 
 def test_multiproc_dir_set_after_import_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

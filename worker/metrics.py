@@ -95,10 +95,23 @@ GPU_UTILIZATION = "imgpipe_gpu_utilization_ratio"
 # Queue and job metrics: read from Redis by imgpipe.worker.exporter.RedisCollector (one process, no mmap files).
 # ----------------------------------------------------------------------------------------------------
 
-# Messages (chunks of paths) waiting in the broker queue, all priorities.
+# Per queue (label ``queue``: the default queue, or a model queue imgpipe:model:<sha12>; see
+# imgpipe.worker.exporter.queues_to_report for which ones): messages (chunks of paths) waiting, all priorities.
 QUEUE_DEPTH = "imgpipe_queue_depth"
+# Per queue: images enqueued and not yet recorded, summed over the active jobs whose messages go to the queue.
+QUEUE_BACKLOG_IMAGES = "imgpipe_queue_backlog_images"
+# Per queue: images recorded per second over the recent window by the jobs of the queue.
+QUEUE_RECENT_RATE = "imgpipe_queue_recent_rate_images_per_second"
+# Per queue: seconds to clear the queue's backlog at its recent rate (+Inf while it does not move).
+QUEUE_DRAIN_SECONDS = "imgpipe_queue_drain_seconds"
+# Per queue: hosts (pods, containers, machines) with a live worker process consuming the queue, from the
+# worker registry's heartbeats; 0 for a queue that has work and nobody to do it.
+QUEUE_WORKER_HOSTS = "imgpipe_queue_worker_hosts"
+# Label of the per-queue series.
+QUEUE_LABEL = "queue"
 # Messages delivered to a worker and not yet acknowledged (kombu's `unacked` hash): in flight or prefetched.
 QUEUE_UNACKED = "imgpipe_queue_unacked"
+# Whole pipeline, no labels (every queue together; the recording rules and alerts use these):
 # Images enqueued but not yet recorded, summed over active jobs (per-job numbers never become labels).
 BACKLOG_IMAGES = "imgpipe_backlog_images"
 # Jobs not finished yet.
@@ -154,11 +167,19 @@ def initialise_series() -> None:
         STAGE_SECONDS.labels(stage=stage)
     for reason in ImageError.REASONS:
         ERRORS.labels(reason=reason)
+    for reason in REFUSAL_REASONS:
+        REFUSED.labels(reason=reason)
+    for cause in RESEND_CAUSES:
+        RESENT.labels(cause=cause)
 
 
-# Messages a worker refused before any Redis write (reason: junk, content_type, schema, job_id, version, ...).
+# Messages a worker refused before any Redis write, by reason: what worker/transport.py drops at the queue
+# (junk, content_type, unknown_task) and what imgpipe.messages.parse refuses (the others).
 REFUSED = Counter("imgpipe_messages_refused_total", "Messages refused by a worker, by reason", ["reason"])
-# Messages re-sent by the reconciler (expired lease or lost from the queue).
+REFUSAL_REASONS = ("junk", "content_type", "unknown_task", "version", "schema", "job_id", "too_many_paths", "too_large")
+# Messages sent again, by cause: "reconciler" (lost from the queue, or its lease expired), "model" (a pinned
+# job's message found in another model's queue, moved to its own).
 RESENT = Counter("imgpipe_messages_resent_total", "Messages re-sent by the reconciler, by cause", ["cause"])
+RESEND_CAUSES = ("reconciler", "model")
 # Copies of a message dropped because another worker holds its lease or its records are all written.
 DUPLICATES = Counter("imgpipe_duplicate_messages_total", "Duplicate message copies dropped")
