@@ -41,6 +41,8 @@ ALERTS = frozenset(
         "ImgpipeExporterBlind",
         "ImgpipeAutoscalingInputMissing",
         "ImgpipeRedisMemoryHigh",
+        "ImgpipeQueueUnserved",
+        "ImgpipeMessagesRefused",
     }
 )
 
@@ -172,7 +174,8 @@ def test_dashboard_json_has_the_fields_grafana_needs() -> None:
 
 def test_dashboard_answers_the_questions_of_the_issue() -> None:
     """Panels for: images/s total and per worker, backlog and drain time, batch sizes, p50/p95/p99 per stage,
-    errors by reason, dead letters, workers up, GPU memory and utilisation, model version per worker."""
+    errors by reason, dead letters, workers up, GPU memory and utilisation, model version per worker; per queue
+    depth, backlog, drain time and worker hosts; refused, re-sent and duplicate messages."""
     exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", []))
     for needle in (
         "rate(imgpipe_images_total",
@@ -187,6 +190,13 @@ def test_dashboard_answers_the_questions_of_the_issue() -> None:
         "imgpipe_gpu_memory_used_bytes",
         "imgpipe_gpu_utilization_ratio",
         "imgpipe_model_info",
+        "max by (queue) (imgpipe_queue_depth)",
+        "max by (queue) (imgpipe_queue_backlog_images)",
+        "max by (queue) (imgpipe_queue_drain_seconds)",
+        "max by (queue) (imgpipe_queue_worker_hosts)",
+        "sum by (reason) (rate(imgpipe_messages_refused_total",
+        "sum by (cause) (rate(imgpipe_messages_resent_total",
+        "rate(imgpipe_duplicate_messages_total",
     ):
         assert needle in exprs, needle
     for stage in ("decode", "infer", "write"):

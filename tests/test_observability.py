@@ -188,6 +188,8 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             return len(active) == 2 and all(t["health"] == "up" for t in active)
 
         wait_until(targets_up, "both targets scraped", 30, procs, logs)
+        # Something that is not an imgpipe message, written to the queue: the worker refuses it (reason junk).
+        redis.Redis.from_url(redis_url).lpush("imgpipe", "hello")
         started = time.time()
         enqueue = subprocess.run(
             imgpipe_argv("enqueue", str(data), "--wait"), cwd=REPO, env=env, capture_output=True, text=True, timeout=180
@@ -226,11 +228,24 @@ def test_exporter_sees_the_job_drain(stack: Stack) -> None:
     assert stack.wait_for("max(imgpipe_backlog_images)", 0) == 0
     assert stack.wait_for("max(imgpipe_jobs_active)", 0) == 0
     assert stack.scalar("max(imgpipe_queue_depth)") == 0
+    # Per queue: the default one, served by the one worker host of this machine, drained.
+    assert stack.scalar('max(imgpipe_queue_worker_hosts{queue="imgpipe"})') == 1
+    assert stack.wait_for('max(imgpipe_queue_backlog_images{queue="imgpipe"})', 0) == 0
+    assert stack.wait_for('max(imgpipe_queue_drain_seconds{queue="imgpipe"})', 0) == 0
     assert stack.scalar("max(imgpipe_redis_up)") == 1
     assert stack.wait_for("imgpipe:drain_seconds:capped", 0) == 0
     # The exporter's recent rate saw the job go by.
     peak = stack.wait_for("max_over_time(imgpipe_recent_rate_images_per_second[5m])")
     assert peak is not None and peak > 0
+
+
+def test_a_refused_message_is_counted_and_the_alert_goes_pending(stack: Stack) -> None:
+    assert stack.wait_for('sum(imgpipe_messages_refused_total{reason="junk"})', 1) == 1
+    assert stack.scalar('sum(imgpipe_messages_refused_total{reason="schema"})') == 0  # created at 0
+    assert stack.scalar("sum(imgpipe_duplicate_messages_total)") == 0
+    pending = 'count(ALERTS{alertname="ImgpipeMessagesRefused", alertstate="pending", reason="junk"})'
+    assert stack.wait_for(pending, 1) == 1  # rules run every second: it may trail the scrape by one
+    assert stack.scalar('count(ALERTS{alertname="ImgpipeMessagesRefused"})') == 1
 
 
 def test_every_dashboard_query_evaluates(stack: Stack) -> None:
@@ -247,10 +262,11 @@ def test_every_dashboard_query_evaluates(stack: Stack) -> None:
 
 
 def test_alert_rules_evaluate_and_stay_quiet(stack: Stack) -> None:
-    # After the job: the error ratio (4 of 54) is above 5% so that alert may be pending; nothing else may be.
+    # After the job: the error ratio (4 of 54) is above 5% so that alert may be pending, and the junk message
+    # refused keeps ImgpipeMessagesRefused pending (for 15 minutes); nothing else may be.
     # (While the workers were still loading the model, the backlog did not move: those alerts went pending and
     # must have gone back to inactive now.)
-    quiet_allowed = {"ImgpipeErrorRatioHigh"}
+    quiet_allowed = {"ImgpipeErrorRatioHigh", "ImgpipeMessagesRefused"}
     deadline = time.monotonic() + 30
     while True:
         with urllib.request.urlopen(f"{stack.prometheus}/api/v1/rules", timeout=10) as response:
