@@ -439,6 +439,23 @@ def test_keda_scaled_object_validates_against_the_vendored_crd_schema() -> None:
         jsonschema.validate(typo, schema)
 
 
+def test_the_per_model_scaled_object_of_the_docs_validates_and_reads_the_per_queue_signal() -> None:
+    import jsonschema
+
+    text = (REPO / "docs" / "deploy.md").read_text()
+    [block] = re.findall(r"<!-- per-model ScaledObject:[^>]*-->\n```yaml\n(.*?)```", text, re.S)
+    scaled = yaml.safe_load(block)
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    jsonschema.validate(scaled["spec"], strict(load_yaml(KEDA_SCHEMA)))
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["metricType"] == "AverageValue" and trigger["metadata"]["ignoreNullValues"] == "false"
+    assert scaled["spec"]["fallback"]["replicas"] >= 1
+    assert "queue:imgpipe_workers:wanted" in recording_names()
+    assert trigger["metadata"]["query"] == 'max(queue:imgpipe_workers:wanted{queue="imgpipe:model:0123456789ab"})'
+    [main] = k8s_documents("keda-scaledobject.yaml")
+    assert trigger["metadata"]["serverAddress"] == main["spec"]["triggers"][0]["metadata"]["serverAddress"]
+
+
 def test_kustomization_applies_no_secret_and_loads_the_rules() -> None:
     kustomization = load_yaml(KUSTOMIZATION)
     assert all((KUSTOMIZATION.parent / r).is_file() for r in kustomization["resources"])
