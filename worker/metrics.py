@@ -3,7 +3,8 @@
 The /metrics server, multiprocess file handling and the NVML collector are in worker/metrics_server.py.
 
 No label takes a file path, job id or any other unbounded value: every label below has a fixed, small set of
-values (status, stage, reason, model name/sha, device, GPU index).
+values (status, stage, reason, cause, model name/sha, device, GPU index; the exporter's queue: the default
+queue and at most imgpipe.worker.exporter.MAX_MODEL_QUEUES model queues).
 
 Multiprocess mode: Celery's prefork pool counts images in child processes while one process serves /metrics.
 When ``PROMETHEUS_MULTIPROC_DIR`` is set *before the worker starts* (prometheus_client reads it at import),
