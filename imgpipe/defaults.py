@@ -90,3 +90,7 @@ CONSUMER_RESTART_S = 2.0
 RELOAD = 0
 # Seconds a replaced model file must stay quiet before a watching worker loads it (a copy in progress waits).
 RELOAD_SETTLE_S = 1.0
+
+# Seconds a stopping worker waits, beyond the time limit, for the messages in work before leaving them to
+# their leases.
+DRAIN_MARGIN_S = 5.0

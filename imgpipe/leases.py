@@ -56,7 +56,7 @@ end
 
 # KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
 # Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
-# {1, count, error, suspect, roots JSON, culprit, cancelled, recorded(0/1) per path}.
+# {1, count, error, suspect, roots JSON, culprit, cancelled, pin, recorded(0/1) per path}.
 BEGIN_LUA = (
     _RULE_LUA
     + """
@@ -70,8 +70,8 @@ redis.call('HSET', d, 'owner', ARGV[2], 'state', 'held', 'job', ARGV[4])
 redis.call('EXPIRE', d, ARGV[5])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
 local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
-local job = redis.call('HMGET', KEYS[1], 'roots', 'cancelled')
-local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or ''}
+local job = redis.call('HMGET', KEYS[1], 'roots', 'cancelled', 'pin')
+local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or '', job[3] or ''}
 for i = 6, #ARGV do out[#out + 1] = redis.call('HEXISTS', KEYS[2], ARGV[i]) end
 return out
 """
@@ -139,6 +139,7 @@ class Begun:
     todo: tuple[int, ...] = ()  # indices of the message's paths that have no record yet
     culprit: str | None = None  # the path in work when it last failed alone (charged)
     cancelled: bool = False  # the job was cancelled (`imgpipe cancel`): acknowledge without work
+    pin: str = ""  # the model the job is pinned to (name@sha12), "" for any
 
 
 def worker_id() -> str:
@@ -159,12 +160,32 @@ class Leases:
         self._renew = client.register_script(RENEW_LUA)
 
     def begin(self, message_id: str, job_id: str, paths: Sequence[str]) -> Begun:
-        if message_id in self.held:
-            return Begun("duplicate")
-        reply = self._begin(
-            keys=[keys.job(job_id), keys.job_results(job_id), keys.deliveries(message_id), keys.LEASES],
-            args=[message_id, self.owner, self.lease_ttl, job_id, self.key_ttl, *paths],
-        )
+        return self.begin_many([(message_id, job_id, paths)])[0]
+
+    def begin_many(self, messages: Sequence[tuple[str, str, Sequence[str]]]) -> list[Begun]:
+        """Take the leases of several messages (message id, job id, paths) in one round trip; one Begun each.
+
+        A message whose lease this process holds already (or that appears twice here) is a duplicate."""
+        pipe = self.client.pipeline(transaction=False)
+        asked: list[bool] = []
+        seen: set[str] = set()
+        for message_id, job_id, paths in messages:
+            fresh = message_id not in self.held and message_id not in seen
+            seen.add(message_id)
+            asked.append(fresh)
+            if fresh:
+                self._begin(
+                    keys=[keys.job(job_id), keys.job_results(job_id), keys.deliveries(message_id), keys.LEASES],
+                    args=[message_id, self.owner, self.lease_ttl, job_id, self.key_ttl, *paths],
+                    client=pipe,
+                )
+        replies = iter(pipe.execute() if any(asked) else [])
+        return [
+            self._begun(message_id, next(replies)) if fresh else Begun("duplicate")
+            for (message_id, _job, _paths), fresh in zip(messages, asked, strict=True)
+        ]
+
+    def _begun(self, message_id: str, reply: Any) -> Begun:
         code = int(reply[0])
         if code == 0:
             return Begun("no_job")
@@ -184,12 +205,20 @@ class Leases:
             roots=[str(r) for r in roots] if isinstance(roots, list) else None,
             culprit=as_text(reply[5]) or None,
             cancelled=is_cancelled(reply[6] or None),
-            todo=tuple(i for i, recorded in enumerate(reply[7:]) if not int(recorded)),
+            pin=as_text(reply[7]) or "",
+            todo=tuple(i for i, recorded in enumerate(reply[8:]) if not int(recorded)),
         )
 
     def working(self, message_id: str, alone: bool) -> None:
         """Mark the message's images as entering decode and inference (what a crash now charges)."""
-        self.client.hset(keys.deliveries(message_id), mapping={"state": "working", "alone": "1" if alone else "0"})
+        self.working_many([message_id], alone)
+
+    def working_many(self, message_ids: Sequence[str], alone: bool = False) -> None:
+        """``working`` for several messages in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for message_id in message_ids:
+            pipe.hset(keys.deliveries(message_id), mapping={"state": "working", "alone": "1" if alone else "0"})
+        pipe.execute()
 
     def current(self, message_id: str, path: str) -> None:
         """A message running alone says which image is in work: a crash now names it the culprit."""
@@ -203,18 +232,23 @@ class Leases:
             args=[message_id, self.owner, failure[:2000], time.time(), keys.deliveries(message_id)],
         )
 
-    def finish(self, message_id: str, job_id: str) -> None:
+    def finish(self, message_id: str, job_id: str, pipe: Any = None) -> None:
         """Every path of the message has a record: drop its lease and pending entry, mark it done for a while
-        (so that the reconciler can drop copies a dead worker left unacknowledged)."""
+        (so that the reconciler can drop copies a dead worker left unacknowledged).
+
+        With ``pipe`` (a pipeline), the commands are only queued there: the caller executes it."""
         self.held.discard(message_id)
         key = keys.deliveries(message_id)
-        pipe = self.client.pipeline(transaction=False)
+        own = pipe is None
+        if own:
+            pipe = self.client.pipeline(transaction=False)
         pipe.hdel(key, "owner", "state", "alone", "current", "culprit", "suspect", "count", "error")
         pipe.hset(key, "done", "1")
         pipe.expire(key, DONE_TTL_S)
         pipe.zrem(keys.LEASES, message_id)
         pipe.hdel(keys.job_pending(job_id), message_id)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def release(self, message_id: str) -> None:
         """Forget a lease locally only (a duplicate or a message with no job)."""

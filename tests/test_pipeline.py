@@ -88,7 +88,7 @@ def test_two_workers_at_once_lose_and_repeat_no_image(tmp_path: Path, redis_url:
         records = _exactly_once(client, job_id, images)
         assert all(r["status"] == "ok" for r in records.values())
         for worker in (first, second):
-            assert "succeeded" in worker.log(), f"one worker did no work:\n{workers.logs()}"
+            assert "recorded" in worker.log(), f"one worker did no work:\n{workers.logs()}"
 
 
 def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(

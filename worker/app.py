@@ -10,7 +10,7 @@ from imgpipe.settings import Settings
 
 
 def prefetch(settings: Settings) -> int:
-    """Messages one worker process holds at once (and task threads it runs).
+    """Messages one worker process holds at once.
 
     Enough one-image messages to fill a batch while the previous one runs; messages of many paths need fewer,
     but holding more costs only their path strings (decoded images are bounded by the batcher).
@@ -39,12 +39,17 @@ def make_app(settings: Settings) -> Celery:
         # and Redis hands it to another worker after the visibility timeout.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Threads, not prefork: every task thread of a process feeds the one batcher (and the one model).
+        # Threads, not prefork: one process holds the model. The task's Strategy hands deliveries to the
+        # worker's group threads (worker/consumer.py), so the pool itself runs nothing: one thread.
         worker_pool="threads",
-        worker_concurrency=prefetch(settings),
-        # Reserve exactly as many messages as there are task threads: none waits unstarted in the worker,
-        # so a message's visibility clock and its time limit start together.
-        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        # Messages held at once (kombu's prefetch count = concurrency x multiplier): enough to fill a batch
+        # while the previous one runs.
+        worker_prefetch_multiplier=prefetch(settings),
+        # No Celery requests are tracked (the group threads settle each delivery), so the prefetch reduction
+        # after a reconnect, which waits for requests to finish, would never be restored.
+        worker_enable_prefetch_count_reduction=False,
+        worker_disable_prefetch=False,
         # Below the visibility timeout, so a live message is not redelivered. The threads pool does not
         # enforce Celery's limits: the task gives a message back once `limit` has passed (worker/pipeline.py).
         task_soft_time_limit=limit,

@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from imgpipe import keys
 from imgpipe.errors import RetryableError
-from imgpipe.jobs import as_text
-from imgpipe.leases import Leases
+from imgpipe.leases import Begun, Leases
 from imgpipe.messages import Message, check_path, native_path
 from imgpipe.model.engine import Engine
 from imgpipe.records import Record, error_record
@@ -35,6 +35,41 @@ LOST = "the worker stopped while processing it (killed, crashed or lost its conn
 class PipelineLimits:
     max_deliveries: int  # charged deliveries of one message before it is dead-lettered
     time_limit: float  # seconds a working message may take before it is given back (uncharged)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One delivery of a validated message, as the group consumer hands it over."""
+
+    message_id: str
+    message: Message
+    received: float  # time.monotonic() of its receipt: where its images' latency starts
+
+
+# What the group consumer does with each delivery: ACKED (acknowledged in the group's last round trip),
+# ACK (acknowledge it), REQUEUE (give it back to the queue), ALONE (run it alone with ``process``, lease taken).
+ACKED, ACK, REQUEUE, ALONE = "acked", "ack", "requeue", "alone"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str
+    begun: Begun | None = None  # ALONE: its lease
+
+
+# Adds the acknowledgements of the given items to a pipeline (the group's last round trip).
+QueueAcks = Callable[[Any, Sequence[int]], None]
+
+
+@dataclass
+class _Work:
+    index: int
+    item: Item
+    good: list[str]
+    refused: list[Record]
+    futures: list[concurrent.futures.Future[Record]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 class GiveBack(Exception):
@@ -109,21 +144,16 @@ class Pipeline:
         self.gate = gate
         self.stopping = threading.Event()  # set on SIGTERM: messages not started are given back
 
-    def process(self, message_id: str, message: Message) -> int:
-        """Handle one delivery of a validated message; returns how many records it wrote.
+    def process(self, message_id: str, message: Message, begun: Begun | None = None) -> int:
+        """Handle one delivery of a validated message alone; returns how many records it wrote. ``begun``: its
+        lease, when already taken (``process_group`` hands over the messages that must run alone).
 
         Raises GiveBack (not started: requeue), or any other exception after ``failed`` (requeue).
         """
         job_id = message.job_id
-        if self.redirect is not None and self._redirected(message_id, message):
-            return 0
-        begun = self.leases.begin(message_id, job_id, message.paths)
-        if begun.state == "no_job":
-            log.warning("message %s: job %r does not exist (expired or never created); dropped", message_id, job_id)
-            return 0
-        if begun.state == "duplicate":
-            metrics.DUPLICATES.inc()
-            log.info("message %s: another copy is leased by a live worker; this copy dropped", message_id)
+        if begun is None:
+            begun = self.leases.begin(message_id, job_id, message.paths)
+        if self._dropped(message_id, message, begun):
             return 0
         if begun.cancelled:  # `imgpipe cancel`: its remaining messages drain without work
             self.leases.finish(message_id, job_id)
@@ -174,15 +204,173 @@ class Pipeline:
         self.leases.finish(message_id, job_id)
         return len(written or []) + dead
 
-    def _redirected(self, message_id: str, message: Message) -> bool:
+    def process_group(self, items: Sequence[Item], queue_acks: QueueAcks) -> list[Verdict]:
+        """Handle several deliveries together: one round trip takes their leases, one marks them working, and
+        one writes their records, ends their leases and acknowledges them (``queue_acks`` adds the last part
+        to that pipeline); their images share the batcher's batches. Returns one verdict per item.
+
+        A message that must run alone (a suspect, or one at its delivery limit) is handed back as ALONE with its
+        lease, for ``process``; one not started or that failed is given back (REQUEUE): its records so far are
+        written, its lease ended by the charging rule (docs/reliability.md).
+        """
+        verdicts: list[Verdict] = [Verdict(ACK) for _ in items]
+        if self.stopping.is_set():  # shutting down: nothing new starts, no lease taken
+            return [Verdict(REQUEUE) for _ in items]
+        begun_all = self.leases.begin_many([(it.message_id, it.message.job_id, it.message.paths) for it in items])
+        model = self.engine.model_id
+        finished: list[int] = []  # leases to end as done in the final round trip
+        work: list[_Work] = []
+        for i, (item, begun) in enumerate(zip(items, begun_all, strict=True)):
+            if self._dropped(item.message_id, item.message, begun):
+                continue
+            if begun.cancelled or not begun.todo:  # cancelled, or a copy whose records are all written
+                finished.append(i)
+                continue
+            if begun.suspect or begun.count >= self.limits.max_deliveries:
+                verdicts[i] = Verdict(ALONE, begun)
+                continue
+            good, refused = self._split([item.message.paths[j] for j in begun.todo], begun.roots, model)
+            work.append(_Work(i, item, good, refused))
+        weight = sum(len(w.good) for w in work)
+        if weight and not self.gate.acquire(weight, self.stopping):
+            for w in work:
+                self.leases.give_back(w.item.message_id, w.item.message.job_id)
+                verdicts[w.index] = Verdict(REQUEUE)
+            work = []
+            weight = 0
+        try:
+            if weight:
+                self.leases.working_many([w.item.message_id for w in work if w.good])
+                with metrics.in_flight(weight):
+                    self._classify_group(work)
+        except Exception as exc:  # Redis failed before the images started: give them all back
+            for w in work:
+                w.error = exc
+        finally:
+            if weight:
+                self.gate.release(weight)
+        self._finish_group(items, work, finished, verdicts, queue_acks, model)
+        return verdicts
+
+    def _split(self, todo: Sequence[str], roots: Sequence[str] | None, model: str) -> tuple[list[str], list[Record]]:
+        """The paths that may be read, and error records for those the job's roots refuse."""
+        good: list[str] = []
+        refused: list[Record] = []
+        for path in todo:
+            why = check_path(path, roots)
+            if why is None:
+                good.append(path)
+            else:
+                refused.append(_error(path, why[1], model, why[0]))
+        return good, refused
+
+    def _classify_group(self, work: Sequence[_Work]) -> None:
+        """Submit every message's images at once; each message's outcome goes on its ``_Work``."""
+        started = time.monotonic()
+        for w in work:
+            if w.good:
+                w.futures = self.batcher.submit(
+                    [native_path(p) for p in w.good], source=w.item.message_id, received=w.item.received
+                )
+        futures = [f for w in work for f in w.futures]
+        concurrent.futures.wait(futures, timeout=self.limits.time_limit)
+        for w in work:
+            pending = [f for f in w.futures if not f.done()]
+            if pending:
+                for future in pending:
+                    future.cancel()
+                done = [f.result() for f in w.futures if f.done() and not f.cancelled() and f.exception() is None]
+                w.error = TooSlow(
+                    f"{len(pending)} of {len(w.good)} images not classified within "
+                    f"{time.monotonic() - started:.0f} s of starting (the time limit, a fraction of "
+                    f"IMGPIPE_VISIBILITY_TIMEOUT); {len(done)} recorded",
+                    done,
+                )
+                continue
+            failed = next((f.exception() for f in w.futures if f.exception() is not None), None)
+            if failed is not None:
+                w.error = failed
+            else:
+                w.records = [f.result() for f in w.futures]
+
+    def _finish_group(
+        self,
+        items: Sequence[Item],
+        work: Sequence[_Work],
+        finished: list[int],
+        verdicts: list[Verdict],
+        queue_acks: QueueAcks,
+        model: str,
+    ) -> None:
+        """One round trip: write the records, end the leases of the messages done, acknowledge them."""
+        pipe = self.store.client.pipeline(transaction=False)
+        reads = []
+        for w in work:
+            if w.error is None:
+                reads.append(self.store.queue_write(pipe, w.item.message.job_id, [*w.records, *w.refused], model))
+                finished.append(w.index)
+            else:
+                verdicts[w.index] = Verdict(REQUEUE)
+                if isinstance(w.error, TooSlow):  # what it did is kept
+                    done = [*w.error.done, *w.refused]
+                    reads.append(self.store.queue_write(pipe, w.item.message.job_id, done, model))
+        for i in finished:
+            self.leases.finish(items[i].message_id, items[i].message.job_id, pipe)
+        acks = [i for i, verdict in enumerate(verdicts) if verdict.kind == ACK]
+        queue_acks(pipe, acks)
+        start = time.perf_counter()
+        try:
+            replies = pipe.execute()
+        except Exception as exc:  # Redis failed: nothing is acknowledged; every lease ends by the rule
+            log.warning("writing %d messages' records failed, giving them back: %s", len(items), exc)
+            for i, verdict in enumerate(verdicts):
+                if verdict.kind == ACK:
+                    verdicts[i] = Verdict(REQUEUE)
+                    self.failed(items[i].message_id, items[i].message.job_id, exc)
+            return
+        metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - start)
+        written = 0
+        for read, reply in zip(reads, replies, strict=False):
+            records = read(reply) or []
+            self._count(records)
+            written += len(records)
+        if work:
+            log.info("recorded %d images of %d messages", written, len(work))
+        for i in acks:
+            verdicts[i] = Verdict(ACKED)
+        for w in work:
+            if w.error is not None:
+                if not isinstance(w.error, TooSlow):
+                    log.warning(
+                        "message %s failed, giving it back: %s: %s",
+                        w.item.message_id,
+                        w.error.__class__.__name__,
+                        w.error,
+                    )
+                self.failed(w.item.message_id, w.item.message.job_id, w.error)
+
+    def _dropped(self, message_id: str, message: Message, begun: Begun) -> bool:
+        """Messages acknowledged without work: no job, a duplicate copy, or pinned to another model."""
+        if begun.state == "no_job":
+            log.warning(
+                "message %s: job %r does not exist (expired or never created); dropped", message_id, message.job_id
+            )
+            return True
+        if begun.state == "duplicate":
+            metrics.DUPLICATES.inc()
+            log.info("message %s: another copy is leased by a live worker; this copy dropped", message_id)
+            return True
+        return self._redirected(message_id, message, begun.pin)
+
+    def _redirected(self, message_id: str, message: Message, pin: str) -> bool:
         """A message of a job pinned to a model this worker does not serve (taken from the default queue, or
         prefetched from the old model's queue before a reload) is sent to its model's queue, not processed:
-        acknowledged here, nothing lost (the records' write-once HSETNX covers any race)."""
-        pin = as_text(self.leases.client.hget(keys.job(message.job_id), "pin"))
+        its lease given back first (else the copy sent would look like a duplicate), then acknowledged here;
+        nothing lost (the records' write-once HSETNX covers any race)."""
         mine = self.engine.model_id
-        if not pin or pin.rsplit("@", 1)[-1] == mine.rsplit("@", 1)[-1]:
+        if self.redirect is None or not pin or pin.rsplit("@", 1)[-1] == mine.rsplit("@", 1)[-1]:
             return False
-        assert self.redirect is not None
+        self.leases.give_back(message_id, message.job_id)
         self.redirect(message.job_id, list(message.paths), message_id)
         metrics.RESENT.labels(cause="model").inc()
         log.info(

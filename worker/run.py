@@ -36,6 +36,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe.worker import metrics, metrics_server
     from imgpipe.worker.app import make_app, prefetch, work_images
     from imgpipe.worker.batcher import Batcher
+    from imgpipe.worker.consumer import Runner
     from imgpipe.worker.pipeline import Pipeline, PipelineLimits, WorkGate
     from imgpipe.worker.store import ResultStore
     from imgpipe.worker.tasks import register
@@ -64,7 +65,10 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
 
     gate = WorkGate(work_images(settings))
     pipeline = Pipeline(engine, batcher, store, leases, limits, gate, redirect=send_to_job_queue)
-    register(app, pipeline, Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes))
+    message_limits = Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes)
+    runner = Runner(pipeline, message_limits, group_images=settings.batch.max_batch).start()
+    register(app, pipeline, message_limits, runner)
+    app.steps["consumer"].add(_drain_step(runner, pipeline.stopping, limits.time_limit))
 
     def resend(job_id: str, paths: list[str], message_id: str) -> None:  # to the job's queue (pinned: its model's)
         send_to_job_queue(job_id, paths, message_id)
@@ -183,12 +187,33 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             watcher.stop()
         heartbeat.close()
         health.close()
+        runner.close()
         batcher.close()
         if server is not None:
             server.close()
         metrics_server.mark_this_process_dead()
         client.close()
     return code
+
+
+def _drain_step(runner: Any, stopping: threading.Event, limit: float) -> type:
+    """A consumer bootstep stopped before the task consumer and the broker connection: on a real shutdown
+    (``stopping`` set by SIGTERM/SIGINT), wait for the messages in work to be recorded and acknowledged and the
+    others given back, while the connection is still open. A consumer restarting after a lost connection also
+    stops its steps: then nothing waits (groups in work go on, on the worker's own Redis client)."""
+    from celery import bootsteps
+
+    class Drain(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+        name = "imgpipe.drain"
+
+        def stop(self, parent: Any) -> None:
+            if stopping.is_set():
+                runner.drain(limit + defaults.DRAIN_MARGIN_S)
+
+        shutdown = stop
+
+    return Drain
 
 
 def _resubscribe(celery_worker: Any, old_queue: str, new_queue: str) -> None:

@@ -7,7 +7,7 @@ redelivered message never adds a second record or counts an image twice: ``done 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -69,10 +69,28 @@ class ResultStore:
         None when the job does not exist (expired, or never created): nothing is written. ``dead_letter``
         is pushed to the dead-letter list in the same step, if any record was new.
         """
+        pipe = self.client.pipeline(transaction=False)
+        read = self.queue_write(pipe, job_id, records, model, dead_letter)
+        return read(pipe.execute()[0])
+
+    def queue_write(
+        self,
+        pipe: Any,
+        job_id: str,
+        records: Sequence[Record],
+        model: str,
+        dead_letter: dict[str, Any] | None = None,
+    ) -> Callable[[Any], list[Record] | None]:
+        """``write`` queued on a pipeline (several messages' writes in one round trip): returns the function
+        that turns this write's reply, once the pipeline has run, into the records written (or None)."""
         argv: list[Any] = [self.ttl_seconds, model, json.dumps(dead_letter) if dead_letter else ""]
         for record in records:
             argv += [record["path"], json.dumps(record, ensure_ascii=False), record["status"]]
-        reply = self._write(keys=[keys.job(job_id), keys.job_results(job_id), keys.DEAD_LETTER], args=argv)
-        if not reply or int(reply[0]) == 0:
-            return None
-        return [records[int(i)] for i in reply[1:]]
+        self._write(keys=[keys.job(job_id), keys.job_results(job_id), keys.DEAD_LETTER], args=argv, client=pipe)
+
+        def read(reply: Any) -> list[Record] | None:
+            if not reply or int(reply[0]) == 0:
+                return None
+            return [records[int(i)] for i in reply[1:]]
+
+        return read

@@ -11,6 +11,7 @@ from celery.exceptions import Reject
 from imgpipe import keys
 from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
 from imgpipe.worker import metrics
+from imgpipe.worker.consumer import Runner
 from imgpipe.worker.pipeline import GiveBack, Pipeline
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,21 @@ def message_version(request: Any) -> Any:
     return getattr(request, VERSION_HEADER, None)
 
 
-def register(app: Celery, pipeline: Pipeline, limits: Limits) -> Task:
-    """Register ``imgpipe.classify_chunk`` on ``app``, running ``pipeline`` (one per process)."""
+def register(app: Celery, pipeline: Pipeline, limits: Limits, runner: Runner) -> Task:
+    """Register ``imgpipe.classify_chunk`` on ``app``: the worker's consumer hands its deliveries to ``runner``
+    (worker/consumer.py: grouped, not one per pool thread); the body below runs a message on its own when the
+    task is called directly (``apply``)."""
 
-    @app.task(name=keys.TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(
+        name=keys.TASK_CLASSIFY,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        Strategy="imgpipe.worker.consumer:strategy",
+    )
     def classify_chunk(self: Task, *args: Any, **kwargs: Any) -> int:
-        """Classify one message's paths and write their records; Celery acknowledges when this returns."""
+        """Classify one message's paths and write their records."""
         try:
             message = parse(args, kwargs, message_version(self.request), limits)
         except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
@@ -45,4 +55,5 @@ def register(app: Celery, pipeline: Pipeline, limits: Limits) -> Task:
             pipeline.failed(self.request.id, message.job_id, exc)
             raise Reject(str(exc), requeue=True) from exc
 
+    classify_chunk.runner = runner  # read by the Strategy
     return classify_chunk

@@ -1,0 +1,263 @@
+"""The worker's own message handling inside Celery's consumer: deliveries are grouped, not run one per thread.
+
+Celery's default strategy turns each message into a request run on a pool thread that makes its own Redis round
+trips and acknowledges itself, so a one-path message cost as much as a chunk (issue 9: 3-4 ms of round trips
+and a thread hand-off per message). Here the task's Strategy only hands each kombu message to ``Runner.put``
+(in the consumer's event loop, nothing else); a few group threads take whatever has arrived, up to a batch of
+images, and run it through ``Pipeline.process_group``: one round trip takes the leases, one marks them working,
+and one writes every record, ends the leases and acknowledges the messages. The promise is unchanged
+(docs/reliability.md): a message is acknowledged only in or after the round trip that writes its last record.
+
+Acknowledging happens on our own Redis client: the kombu message's delivery tag is removed from kombu's unacked
+hash and index in the group's last pipeline, then the channel's local bookkeeping is told (which frees the
+prefetch slot). A message given back is rejected with requeue through kombu as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.transport import virtual
+
+from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
+from imgpipe.worker import metrics
+from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, GiveBack, Item, Pipeline, Verdict
+
+log = logging.getLogger(__name__)
+
+# Message ids become parts of Redis keys: what Celery and imgpipe send (uuids) and nothing surprising.
+MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}")
+# Threads that run groups: one fills the batcher while another writes its records and a third takes leases.
+GROUP_THREADS = 3
+# Threads for messages that must run alone (suspects; few at a time by nature).
+ALONE_THREADS = 2
+
+
+@dataclass
+class _Delivery:
+    raw: Any  # the kombu message
+    received: float
+    item: Item | None = None
+
+
+def parse_delivery(raw: Any, limits: Limits) -> Item:
+    """The validated message of a kombu delivery (Celery task protocol 2); raises Refused."""
+    headers = raw.headers if isinstance(raw.headers, dict) else {}
+    message_id = headers.get("id")
+    if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
+        raise Refused("message_id", f"message id {str(message_id)[:80]!r} is not valid")
+    try:
+        body = raw.decode()
+    except Exception as exc:  # kombu raises its own decode errors
+        raise Refused("junk", f"body does not decode: {exc}") from None
+    if not isinstance(body, (list, tuple)) or len(body) != 3:
+        raise Refused("schema", "expected a Celery protocol 2 body [args, kwargs, embed]")
+    args, kwargs, _embed = body
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise Refused("schema", "expected a Celery protocol 2 body [args, kwargs, embed]")
+    return Item(message_id, parse(args, kwargs, headers.get(VERSION_HEADER), limits), 0.0)
+
+
+def queue_acks(pipe: Any, raws: Sequence[Any]) -> None:
+    """Remove these deliveries from kombu's unacknowledged hash and index, on ``pipe``."""
+    by_keys: dict[tuple[str, str], list[Any]] = {}
+    for raw in raws:
+        qos = raw.channel.qos
+        by_keys.setdefault((qos.unacked_key, qos.unacked_index_key), []).append(raw.delivery_tag)
+    for (unacked, index), tags in by_keys.items():
+        pipe.zrem(index, *tags)
+        pipe.hdel(unacked, *tags)
+
+
+def acked(raw: Any) -> None:
+    """Tell the channel a delivery is acknowledged (its Redis entries are gone): frees its prefetch slot."""
+    with contextlib.suppress(Exception):  # a channel closed meanwhile (Redis reconnect): nothing left to free
+        virtual.QoS.ack(raw.channel.qos, raw.delivery_tag)
+    raw._state = "ACK"
+
+
+def _acked_all(raws: Sequence[Any]) -> None:
+    for raw in raws:
+        acked(raw)
+
+
+def requeue(raw: Any) -> None:
+    """Give a delivery back to the front of its queue (kombu's reject with requeue)."""
+    try:
+        raw.reject(requeue=True)
+    except Exception as exc:  # Redis is down: its lease or kombu's visibility timeout brings it back
+        log.warning("cannot give back a message (%s); it comes back when its lease expires", exc)
+        acked(raw)
+
+
+def ack(raw: Any) -> None:
+    try:
+        raw.ack()
+    except Exception as exc:
+        log.warning("cannot acknowledge a message (%s); a copy may be delivered again and dropped", exc)
+        acked(raw)
+
+
+class Runner:
+    """Group threads between Celery's consumer and the pipeline (one per worker process)."""
+
+    def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int = GROUP_THREADS) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.group_images = max(1, group_images)
+        self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"imgpipe-group-{i}", daemon=True) for i in range(threads)
+        ]
+        self._alone = ThreadPoolExecutor(ALONE_THREADS, thread_name_prefix="imgpipe-alone")
+        self._lock = threading.Lock()
+        self._pending = 0  # deliveries put and not yet settled
+        self._settled = threading.Condition(self._lock)
+        # The consumer's event loop (kombu's Hub; set by the Strategy on each consumer start): freed prefetch
+        # slots are reported on it, which also wakes it to fetch more.
+        self.hub: Any = None
+
+    def start(self) -> Runner:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def put(self, raw: Any) -> None:
+        """Called by Celery's consumer for each delivery (its event loop: nothing slow here)."""
+        with self._lock:
+            self._pending += 1
+        self._inbox.put(_Delivery(raw, time.monotonic()))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every delivery is settled (``pipeline.stopping`` set: those not started go back)."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self._pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("stopping with %d messages unsettled; their leases bring them back", self._pending)
+                    return False
+                self._settled.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._inbox.put(None)
+        self._alone.shutdown(wait=False, cancel_futures=True)
+
+    def _done(self, count: int = 1) -> None:
+        with self._settled:
+            self._pending -= count
+            self._settled.notify_all()
+
+    def _take(self) -> list[_Delivery] | None:
+        """The first delivery to arrive and whatever else is waiting, up to ``group_images`` images."""
+        first = self._inbox.get()
+        if first is None:
+            return None
+        group = [first]
+        images = self._parse(first)
+        while images < self.group_images:
+            try:
+                more = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                self._inbox.put(None)  # for this thread's next turn
+                break
+            group.append(more)
+            images += self._parse(more)
+        return group
+
+    def _parse(self, delivery: _Delivery) -> int:
+        try:
+            item = parse_delivery(delivery.raw, self.limits)
+        except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
+            metrics.REFUSED.labels(reason=exc.reason).inc()
+            log.error("a message was refused (%s): %s; dropped", exc.reason, exc.detail)
+            return 0
+        delivery.item = Item(item.message_id, item.message, delivery.received)
+        return len(item.message.paths)
+
+    def _loop(self) -> None:
+        while (group := self._take()) is not None:
+            try:
+                self._run(group)
+            except Exception:  # never lose the thread; the deliveries' leases bring them back
+                log.exception("handling a group of %d messages failed", len(group))
+
+    def _run(self, group: list[_Delivery]) -> None:
+        refused = [d for d in group if d.item is None]
+        valid = [d for d in group if d.item is not None]
+        raws = [d.raw for d in valid]
+        try:
+            verdicts = self.pipeline.process_group(
+                [d.item for d in valid if d.item is not None],
+                lambda pipe, indices: queue_acks(pipe, [raws[i] for i in indices]),
+            )
+        except Exception as exc:  # Redis failed before anything was leased or written
+            log.warning("taking %d messages failed, giving them back: %s", len(valid), exc)
+            verdicts = [Verdict(REQUEUE) for _ in valid]
+        for d in refused:
+            ack(d.raw)
+        settled = len(refused)
+        done: list[Any] = []
+        for d, verdict in zip(valid, verdicts, strict=True):
+            if verdict.kind == ALONE:
+                self._alone.submit(self._run_alone, d, verdict)
+                continue
+            settled += 1
+            if verdict.kind == ACKED:
+                done.append(d.raw)
+            elif verdict.kind == ACK:
+                ack(d.raw)
+            else:
+                requeue(d.raw)
+        self._on_loop(_acked_all, done)
+        self._done(settled)
+
+    def _on_loop(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` on the consumer's event loop and wake it (it may be waiting with every prefetch
+        slot taken); directly when there is no loop."""
+        hub = self.hub
+        if hub is None:
+            callback(*args)
+        else:
+            hub.call_soon(callback, *args)
+
+    def _run_alone(self, delivery: _Delivery, verdict: Verdict) -> None:
+        """A suspect or a message at its delivery limit: on its own, one image at a time (Pipeline.process)."""
+        item = delivery.item
+        assert item is not None
+        try:
+            self.pipeline.process(item.message_id, item.message, verdict.begun)
+            ack(delivery.raw)
+        except GiveBack:
+            requeue(delivery.raw)
+        except Exception as exc:  # given back; charged only if it ran alone (docs/reliability.md)
+            log.warning("message %s failed, giving it back: %s: %s", item.message_id, exc.__class__.__name__, exc)
+            self.pipeline.failed(item.message_id, item.message.job_id, exc)
+            requeue(delivery.raw)
+        finally:
+            self._on_loop(_acked_all, [])
+            self._done()
+
+
+def strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:
+    """Celery's per-task strategy hook (``Task.Strategy``): hand each delivery to the task's Runner."""
+    runner: Runner = task.runner
+    runner.hub = getattr(consumer, "hub", None)
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **__: Any) -> None:
+        runner.put(message)
+
+    return on_message
