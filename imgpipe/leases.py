@@ -54,28 +54,77 @@ end
     + FINISH_IF_COMPLETE_LUA
 )
 
-# KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
-# Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
+# Begins one message: job, results, deliveries hash, leases zset; message id, owner, lease ttl, job id, key ttl,
+# and its paths. Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
 # {1, count, error, suspect, roots JSON, culprit, cancelled, pin, recorded(0/1) per path}.
-BEGIN_LUA = (
+_BEGIN_ONE_LUA = (
     _RULE_LUA
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local d, now = KEYS[3], now_seconds()
-local owner = redis.call('HGET', d, 'owner')
-local expiry = redis.call('ZSCORE', KEYS[4], ARGV[1])
-if owner and expiry and tonumber(expiry) > now then return {2} end
-if owner then end_lease(d, LOST_TEXT) end
-redis.call('HSET', d, 'owner', ARGV[2], 'state', 'held', 'job', ARGV[4])
-redis.call('EXPIRE', d, ARGV[5])
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
-local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
-local job = redis.call('HMGET', KEYS[1], 'roots', 'cancelled', 'pin')
-local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or '', job[3] or ''}
-for i = 6, #ARGV do out[#out + 1] = redis.call('HEXISTS', KEYS[2], ARGV[i]) end
+local function begin_one(jk, rk, d, lk, mid, owner, lease_ttl, job_id, key_ttl, paths)
+  if redis.call('EXISTS', jk) == 0 then return {0} end
+  local now = now_seconds()
+  local held_by = redis.call('HGET', d, 'owner')
+  local expiry = redis.call('ZSCORE', lk, mid)
+  if held_by and expiry and tonumber(expiry) > now then return {2} end
+  if held_by then end_lease(d, LOST_TEXT) end
+  redis.call('HSET', d, 'owner', owner, 'state', 'held', 'job', job_id)
+  redis.call('EXPIRE', d, key_ttl)
+  redis.call('ZADD', lk, now + tonumber(lease_ttl), mid)
+  local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
+  local job = redis.call('HMGET', jk, 'roots', 'cancelled', 'pin')
+  local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or '', job[3] or ''}
+  for i = 1, #paths do out[#out + 1] = redis.call('HEXISTS', rk, paths[i]) end
+  return out
+end
+"""
+)
+
+# KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
+BEGIN_LUA = (
+    _BEGIN_ONE_LUA
+    + """
+return begin_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  {unpack(ARGV, 6)})
+"""
+)
+
+# Several messages at once. KEYS: leases zset. ARGV: owner, lease ttl, key ttl, then per message: message id,
+# job id, job key, results key, deliveries key, path count, paths... Returns one BEGIN_LUA reply per message.
+BEGIN_MANY_LUA = (
+    _BEGIN_ONE_LUA
+    + """
+local out, i = {}, 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 5])
+  local paths = {}
+  for j = 1, n do paths[j] = ARGV[i + 5 + j] end
+  out[#out + 1] = begin_one(ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], KEYS[1], ARGV[i], ARGV[1], ARGV[2], ARGV[i + 1],
+    ARGV[3], paths)
+  i = i + 6 + n
+end
 return out
 """
 )
+
+# KEYS: leases zset. ARGV: done ttl, then (message id, deliveries key, pending key of its job) per message.
+# Ends the leases of messages whose records are all written (see Leases.finish).
+FINISH_MANY_LUA = """
+for i = 2, #ARGV, 3 do
+  local d = ARGV[i + 1]
+  redis.call('HDEL', d, 'owner', 'state', 'alone', 'current', 'culprit', 'suspect', 'count', 'error')
+  redis.call('HSET', d, 'done', '1')
+  redis.call('EXPIRE', d, ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', ARGV[i + 2], ARGV[i])
+end
+return 1
+"""
+
+# ARGV: alone ('1'/'0'), deliveries keys... Marks messages as working (what a crash then charges).
+WORKING_MANY_LUA = """
+for i = 2, #ARGV do redis.call('HSET', ARGV[i], 'state', 'working', 'alone', ARGV[1]) end
+return 1
+"""
 
 # KEYS: leases zset, pending hash of the job. ARGV: message id, owner, failure text ('' : no failure), now.
 # Ends this owner's lease (charging or marking a failure by the rule) and dates the pending entry now.
@@ -156,6 +205,9 @@ class Leases:
         self.key_ttl = key_ttl
         self.held: set[str] = set()  # message ids whose lease this process holds
         self._begin = client.register_script(BEGIN_LUA)
+        self._begin_many = client.register_script(BEGIN_MANY_LUA)
+        self._finish_many = client.register_script(FINISH_MANY_LUA)
+        self._working_many = client.register_script(WORKING_MANY_LUA)
         self._give_back = client.register_script(GIVE_BACK_LUA)
         self._renew = client.register_script(RENEW_LUA)
 
@@ -163,10 +215,10 @@ class Leases:
         return self.begin_many([(message_id, job_id, paths)])[0]
 
     def begin_many(self, messages: Sequence[tuple[str, str, Sequence[str]]]) -> list[Begun]:
-        """Take the leases of several messages (message id, job id, paths) in one round trip; one Begun each.
+        """Take the leases of several messages (message id, job id, paths) in one Lua call; one Begun each.
 
         A message whose lease this process holds already (or that appears twice here) is a duplicate."""
-        pipe = self.client.pipeline(transaction=False)
+        args: list[Any] = [self.owner, self.lease_ttl, self.key_ttl]
         asked: list[bool] = []
         seen: set[str] = set()
         for message_id, job_id, paths in messages:
@@ -174,12 +226,9 @@ class Leases:
             seen.add(message_id)
             asked.append(fresh)
             if fresh:
-                self._begin(
-                    keys=[keys.job(job_id), keys.job_results(job_id), keys.deliveries(message_id), keys.LEASES],
-                    args=[message_id, self.owner, self.lease_ttl, job_id, self.key_ttl, *paths],
-                    client=pipe,
-                )
-        replies = iter(pipe.execute() if any(asked) else [])
+                args += [message_id, job_id, keys.job(job_id), keys.job_results(job_id), keys.deliveries(message_id)]
+                args += [len(paths), *paths]
+        replies = iter(self._begin_many(keys=[keys.LEASES], args=args) if any(asked) else [])
         return [
             self._begun(message_id, next(replies)) if fresh else Begun("duplicate")
             for (message_id, _job, _paths), fresh in zip(messages, asked, strict=True)
@@ -214,11 +263,9 @@ class Leases:
         self.working_many([message_id], alone)
 
     def working_many(self, message_ids: Sequence[str], alone: bool = False) -> None:
-        """``working`` for several messages in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for message_id in message_ids:
-            pipe.hset(keys.deliveries(message_id), mapping={"state": "working", "alone": "1" if alone else "0"})
-        pipe.execute()
+        """``working`` for several messages in one Lua call."""
+        if message_ids:
+            self._working_many(args=["1" if alone else "0", *(keys.deliveries(m) for m in message_ids)])
 
     def current(self, message_id: str, path: str) -> None:
         """A message running alone says which image is in work: a crash now names it the culprit."""
@@ -249,6 +296,15 @@ class Leases:
         pipe.hdel(keys.job_pending(job_id), message_id)
         if own:
             pipe.execute()
+
+    def finish_many(self, pipe: Any, messages: Sequence[tuple[str, str]]) -> None:
+        """``finish`` for several messages (message id, job id), queued on ``pipe`` as one Lua call."""
+        args: list[Any] = [DONE_TTL_S]
+        for message_id, job_id in messages:
+            self.held.discard(message_id)
+            args += [message_id, keys.deliveries(message_id), keys.job_pending(job_id)]
+        if messages:
+            self._finish_many(keys=[keys.LEASES], args=args, client=pipe)
 
     def release(self, message_id: str) -> None:
         """Forget a lease locally only (a duplicate or a message with no job)."""

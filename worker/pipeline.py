@@ -304,18 +304,17 @@ class Pipeline:
     ) -> None:
         """One round trip: write the records, end the leases of the messages done, acknowledge them."""
         pipe = self.store.client.pipeline(transaction=False)
-        reads = []
+        by_job: dict[str, list[Record]] = {}  # one write per job, whatever the number of its messages here
         for w in work:
             if w.error is None:
-                reads.append(self.store.queue_write(pipe, w.item.message.job_id, [*w.records, *w.refused], model))
+                by_job.setdefault(w.item.message.job_id, []).extend([*w.records, *w.refused])
                 finished.append(w.index)
             else:
                 verdicts[w.index] = Verdict(REQUEUE)
                 if isinstance(w.error, TooSlow):  # what it did is kept
-                    done = [*w.error.done, *w.refused]
-                    reads.append(self.store.queue_write(pipe, w.item.message.job_id, done, model))
-        for i in finished:
-            self.leases.finish(items[i].message_id, items[i].message.job_id, pipe)
+                    by_job.setdefault(w.item.message.job_id, []).extend([*w.error.done, *w.refused])
+        reads = [self.store.queue_write(pipe, job_id, records, model) for job_id, records in by_job.items()]
+        self.leases.finish_many(pipe, [(items[i].message_id, items[i].message.job_id) for i in finished])
         acks = [i for i, verdict in enumerate(verdicts) if verdict.kind == ACK]
         queue_acks(pipe, acks)
         start = time.perf_counter()

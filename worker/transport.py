@@ -9,10 +9,14 @@ process only (``install``), under the ``redis`` and ``rediss`` schemes.
 from __future__ import annotations
 
 import logging
+import time
+from queue import Empty
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from imgpipe import keys
 from imgpipe.worker import metrics
@@ -47,13 +51,111 @@ def _describe(message: Any, reason: str) -> str:
     return repr(message)[:200]
 
 
+# Takes up to ARGV[1] more messages from the list KEYS[1] and records each as delivered and unacknowledged,
+# in kombu's own format (KEYS[2]: its unacked hash, tag -> [message, exchange, routing key]; KEYS[3]: its index,
+# tag -> ARGV[2], the time), all in one step; returns {flag, raw message, ...} (flag '1': recorded; '0': not a
+# kombu message, taken off the queue only, for the gate to refuse). The raw text is kept as sent (re-encoding
+# it with cjson would turn empty JSON arrays into objects).
+TAKE_LUA = """
+local out = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  local ok, m = pcall(cjson.decode, raw)
+  local tag, info
+  if ok and type(m) == 'table' and type(m['properties']) == 'table' then
+    tag, info = m['properties']['delivery_tag'], m['properties']['delivery_info']
+  end
+  if type(tag) == 'string' and type(info) == 'table' and type(info['exchange']) == 'string'
+      and type(info['routing_key']) == 'string' then
+    redis.call('ZADD', KEYS[3], ARGV[2], tag)
+    redis.call('HSET', KEYS[2], tag,
+      '[' .. raw .. ', ' .. cjson.encode(info['exchange']) .. ', ' .. cjson.encode(info['routing_key']) .. ']')
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+  out[#out + 1] = raw
+end
+return out
+"""
+# Most messages taken in one step after a BRPOP (within the prefetch count).
+TAKE_MAX = 64
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that deliveries already recorded as unacknowledged by ``TAKE_LUA`` are only
+    tracked locally (no second round trip each)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def room(self) -> int:
+        """Deliveries the prefetch count still allows."""
+        if not self.prefetch_count:
+            return TAKE_MAX
+        return max(0, self.prefetch_count - (len(self._delivered) - len(self._dirty)))
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+    _take: Any = None  # TAKE_LUA, registered on first use
+
     def _brpop_read(self, **options: Any) -> bool:
+        """kombu's BRPOP read (one message), then as many more as the prefetch count allows in one step: a
+        worker taking one-path messages no longer pays a BRPOP and a MULTI/EXEC round trip for each."""
         try:
-            return bool(super()._brpop_read(**options))
-        except ValueError as exc:  # not JSON (or not UTF-8): json/bytes_to_str refused it before delivery
+            try:
+                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # as kombu: reconnect on the next iteration
+                raise
+            if not reply:
+                raise Empty()
+            key, item = bytes_to_str(reply[0]), reply[1]
+            dest = key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self._deliver_raw(item, dest)
+        finally:
+            self._in_poll = None
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+        self._take_more(key, dest)
+        return True
+
+    def _deliver_raw(self, item: Any, dest: str, recorded: bool = False) -> None:
+        """Deliver one raw queue item; ``recorded``: TAKE_LUA has recorded it as unacknowledged already."""
+        try:
+            payload = loads(bytes_to_str(item))
+        except ValueError as exc:  # not JSON (or not UTF-8): refused before delivery
             refuse("junk", f"not a JSON message: {exc}")
-            return True
+            return
+        if recorded:
+            self.qos.recorded.add(str(payload["properties"]["delivery_tag"]))
+        self.connection._deliver(payload, dest)
+
+    def _take_more(self, key: str, dest: str) -> None:
+        qos = self.qos
+        room = min(TAKE_MAX, qos.room()) if isinstance(qos, QoS) else 0
+        if room <= 0:
+            return
+        with self.conn_or_acquire() as client:
+            if self._take is None:
+                self._take = client.register_script(TAKE_LUA)
+            reply = self._take(
+                keys=[key, qos.unacked_key, qos.unacked_index_key], args=[room, time.time()], client=client
+            )
+        for i in range(0, len(reply), 2):
+            self._deliver_raw(reply[i + 1], dest, recorded=reply[i] in (b"1", "1"))
 
 
 class Transport(kombu_redis.Transport):
@@ -63,8 +165,21 @@ class Transport(kombu_redis.Transport):
         reason = check_payload(message)
         if reason is not None:
             refuse(reason, _describe(message, reason))
+            self._forget(message)
             return
         super()._deliver(message, queue)
+
+    def _forget(self, message: Any) -> None:
+        """A refused message that ``TAKE_LUA`` recorded as unacknowledged: drop that record too."""
+        try:
+            tag = message["properties"]["delivery_tag"]
+        except (TypeError, KeyError):
+            return
+        for channel in self.channels:
+            qos = getattr(channel, "_qos", None)
+            if isinstance(qos, QoS) and tag in qos.recorded:
+                qos.recorded.discard(tag)
+                qos._remove_from_indices(tag).execute()
 
 
 def install() -> None:
