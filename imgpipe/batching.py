@@ -8,6 +8,10 @@ batch's fill wait and inference, so latency ~ fill wait + 2 x batch size x per-i
 the largest that fits the target by that model, corrected by feedback: when the measured p95 exceeds the target
 the correction shrinks (multiplicatively), when it is well below it grows back slowly (AIMD-like, so one slow
 batch does not collapse the size, and a steady overshoot does not persist).
+
+The plan bounds the *wait*: how many images a batch waits for and for how long. Images already decoded always
+go into the batch, up to the worker's maximum (worker/batcher.py), so a backlog is never throttled by a small
+plan; a plan smaller than the backlog would only lower throughput and raise the latency it aims at.
 """
 
 from __future__ import annotations

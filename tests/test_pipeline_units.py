@@ -52,8 +52,10 @@ def test_celery_is_configured_for_late_acks_json_only_and_limits_below_the_visib
     conf = make_app(settings).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_pool == "threads" and conf.worker_prefetch_multiplier == 1
-    assert conf.worker_concurrency == prefetch(settings) == 64
+    # The pool runs nothing (deliveries go to the group threads); kombu's prefetch count is 1 x the multiplier.
+    assert conf.worker_pool == "threads" and conf.worker_concurrency == 1
+    assert conf.worker_prefetch_multiplier == prefetch(settings) == 64
+    assert not conf.worker_enable_prefetch_count_reduction
     assert conf.broker_transport_options["visibility_timeout"] == 600
     assert conf.task_soft_time_limit == task_time_limit(settings.redis) < conf.task_time_limit < 600
     assert conf.result_backend is None and conf.task_ignore_result

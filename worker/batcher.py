@@ -131,9 +131,21 @@ class Batcher:
             if first is None:
                 return
             batch = [first]
+            # Everything already decoded goes in, up to max_batch: a backlog is never held back by a smaller
+            # plan (that would only make it grow). The plan says how long to wait for more, and for how many
+            # (the latency target's lever, as in Triton's and BentoML's schedulers: the fill wait, not a cap).
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
             plan = self.sizer.plan() if self.sizer else Plan(self.max_batch, self.max_wait)  # throughput hook
             deadline = time.monotonic() + plan.wait_s
-            while len(batch) < plan.size:
+            while not stopping and len(batch) < plan.size:
                 remaining = deadline - time.monotonic()
                 try:
                     item = self._ready.get(timeout=remaining) if remaining > 0 else self._ready.get_nowait()

@@ -339,13 +339,9 @@ class Pipeline:
             verdicts[i] = Verdict(ACKED)
         for w in work:
             if w.error is not None:
-                if not isinstance(w.error, TooSlow):
-                    log.warning(
-                        "message %s failed, giving it back: %s: %s",
-                        w.item.message_id,
-                        w.error.__class__.__name__,
-                        w.error,
-                    )
+                log.warning(
+                    "message %s failed, giving it back: %s: %s", w.item.message_id, w.error.__class__.__name__, w.error
+                )
                 self.failed(w.item.message_id, w.item.message.job_id, w.error)
 
     def _dropped(self, message_id: str, message: Message, begun: Begun) -> bool:

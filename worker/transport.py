@@ -125,8 +125,8 @@ class Channel(kombu_redis.Channel):
             self._queue_cycle.rotate(dest)
             self._deliver_raw(item, dest)
         finally:
-            self._in_poll = None
-            flush = getattr(self, "_flush_brpop_reauth", None)
+            self._in_poll = None  # type: ignore[assignment]  # kombu's own reset (annotated bool there)
+            flush: Any = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
         self._take_more(key, dest)
