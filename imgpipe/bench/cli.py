@@ -41,7 +41,7 @@ REDIS_VARIANTS = ("naive", "pipeline", "stream", "watch", "enqueue", "latency")
 QUEUE_VARIANTS = ("naive", "pipeline", "stream", "watch", "latency")
 # latency: the p95 target of the adaptive workers per workload (ms, --latency-ms overrides), and the arrival
 # rate of its paced one-path messages as a fraction of the fixed workers' measured one-path capacity.
-LATENCY_TARGET_MS = {"digits": 50, "photos": 250}
+LATENCY_TARGET_MS = {"digits": 50, "photos": 100}
 LATENCY_LOAD = 0.6
 # The ratios the JSON reports: numerator variant / denominator variant, per workload.
 RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "inprocess"), ("pipeline", "naive"))
