@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from imgpipe.bench.cli import RATIOS, parse_names
-from imgpipe.bench.results import Rounds, SuiteResult
+from imgpipe.bench.cli import LATENCY_SETS, RATIOS, VARIANTS, parse_names
+from imgpipe.bench.results import HistogramCounts, Rounds, SuiteResult
 from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import scratch_redis
 from tests.conftest import cli_env, run_cli
@@ -29,7 +30,7 @@ def _check_workload(entry: dict[str, Any], images: int, variants: set[str], roun
     assert set(entry["rates"]) == variants
     assert all(rate > 0 for rate in entry["rates"].values())
     assert entry["rates"]["dataloader"] == max(entry["rates"]["dataloader_w0"], entry["rates"]["dataloader_w2"])
-    assert set(entry["rounds"]) == variants - {"dataloader"}
+    assert set(entry["rounds"]) == variants - {"dataloader"}  # the paced latency runs are in entry["latency"]
     assert all(len(values) == rounds for values in entry["rounds"].values())
     assert set(entry["ratios"]) == {f"{a}/{b}" for a, b in RATIOS}
     for ratio, value in entry["ratios"].items():
@@ -40,6 +41,19 @@ def _check_workload(entry: dict[str, Any], images: int, variants: set[str], roun
             assert value is None
 
 
+def _check_latency(entry: dict[str, Any], target_ms: int, max_batch: int, rounds: int) -> None:
+    assert list(entry) == ["target_ms", "load", "capacity", "arrival_rate", *LATENCY_SETS]
+    assert entry["target_ms"] == target_ms and 0 < entry["load"] < 1 and entry["capacity"] > 0
+    assert abs(entry["arrival_rate"] - entry["load"] * entry["capacity"]) <= 0.1
+    for key in LATENCY_SETS:
+        row = entry[key]
+        assert list(row) == ["rate", "mean_batch", "p50_ms", "p95_ms", "rounds"]
+        assert all(isinstance(row[k], float) for k in ("rate", "mean_batch", "p50_ms", "p95_ms"))
+        assert row["rate"] > 0 and 1.0 <= row["mean_batch"] <= max_batch
+        assert 0 <= row["p50_ms"] <= row["p95_ms"]
+        assert len(row["rounds"]) == rounds and abs(row["rate"] - statistics.median(row["rounds"])) <= 0.1
+
+
 def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     demo_data: Path, redis_url: str, client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -48,7 +62,8 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     out = tmp_path / "bench.json"
     result = run_cli(
         "bench", str(demo_data / "val"), "--workload", "digits", "--images", "40", "--rounds", "2",
-        "--paths", "2000", "--json", str(out), env=env, timeout=240,
+        "--variants", ",".join(VARIANTS), "--latency-ms", "40", "--paths", "2000", "--json", str(out),
+        env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(result.stdout)
@@ -69,15 +84,26 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     assert all(value is not None and value > 0 for value in digits["ratios"].values())
     assert digits["mean_batch"]["naive"] == 1.0 and 1.0 <= digits["mean_batch"]["batched"] <= 16
     assert isinstance(digits["per_message_overhead_us"], float)
+    _check_latency(digits["latency"], target_ms=40, max_batch=16, rounds=2)
 
     enqueue = summary["enqueue"]
     assert (enqueue["unit"], enqueue["paths"], enqueue["chunk_size"], enqueue["messages"]) == ("paths/s", 2000, 32, 63)
     assert set(enqueue["rates"]) == {"baseline_send_task", "imgpipe_enqueuer", "scan"}
     assert set(enqueue["ratios"]) == {"baseline_send_task", "imgpipe_enqueuer"}
 
-    for variant in ("inprocess", "dataloader_w2", "naive", "pipeline", "stream", "watch"):  # progress lines
+    progress = (
+        "inprocess",
+        "dataloader_w2",
+        "naive",
+        "pipeline",
+        "stream",
+        "watch",
+        "latency_fixed",
+        "latency_adaptive",
+    )
+    for variant in progress:  # progress lines
         assert f"digits round 2/2: {variant}" in result.stderr
-    assert "inprocess/dataloader" in result.stdout  # the table
+    assert "inprocess/dataloader" in result.stdout and "adaptive p95 target 40 ms" in result.stdout  # the table
     assert client.dbsize() == 0
 
 
@@ -93,7 +119,7 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
     _check_workload(photos, 6, {"inprocess", *PEER_VARIANTS}, rounds=1)
     assert "640x480" in photos["what"] and "mobilenet_v3_small" in photos["what"]
     assert photos["ratios"]["pipeline/inprocess"] is None and photos["ratios"]["inprocess/dataloader"] > 0
-    assert not {"mean_batch", "per_message_overhead_us", "bound", "inprocess_of_ceiling"} & set(photos)
+    assert not {"mean_batch", "per_message_overhead_us", "bound", "inprocess_of_ceiling", "latency"} & set(photos)
 
 
 def test_queue_variants_are_skipped_with_one_line_when_redis_server_is_missing(tmp_path: Path) -> None:
@@ -113,7 +139,7 @@ def test_an_unknown_variant_or_workload_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "imgpipe: error: --variants 'inprocess,gpu': unknown gpu; valid: inprocess, dataloader, naive, pipeline, "
-        "stream, watch, compute, decode, enqueue"
+        "stream, watch, compute, decode, enqueue, latency"
     )
     assert run_cli("bench", "--workload", "faces", timeout=60).returncode == 2
     with pytest.raises(ConfigError):
@@ -132,6 +158,23 @@ def test_rounds_take_the_median_and_ratios_are_against_each_baseline() -> None:
     result.add("alone", 7.0, None)
     assert result.ratios() == {"base": 1.0, "fast": 2.5}
     assert "2.50x" in result.table() and result.table().splitlines()[-1].split()[2] == "-"
+
+
+def test_latency_quantiles_are_estimated_from_histogram_buckets_as_prometheus_does() -> None:
+    inf = float("inf")
+    before = HistogramCounts({0.01: 3.0, 0.05: 3.0, 0.1: 3.0, inf: 3.0}, sum=0.015, count=3.0)  # warm-up
+    after = HistogramCounts({0.01: 3.0, 0.05: 13.0, 0.1: 23.0, inf: 23.0}, sum=1.515, count=23.0)
+    run = after - before
+    assert run.buckets == {0.01: 0.0, 0.05: 10.0, 0.1: 20.0, inf: 20.0} and run.count == 20.0
+    assert run.mean() == pytest.approx(0.075)
+    assert run.quantile(0.5) == pytest.approx(0.05)  # rank 10: the top of the (0.01, 0.05] bucket
+    assert run.quantile(0.95) == pytest.approx(0.095)  # rank 19: nine tenths into (0.05, 0.1]
+    assert (run + run).quantile(0.95) == pytest.approx(0.095) and (run + run).count == 40.0
+    assert HistogramCounts({0.1: 0.0, inf: 5.0}).quantile(0.5) == 0.1  # beyond the last bound: that bound
+    assert HistogramCounts({0.1: 4.0, inf: 4.0}).quantile(0.5) == pytest.approx(0.05)  # first bucket: from 0
+    assert HistogramCounts({}).quantile(0.5) is None and HistogramCounts({}).mean() is None
+    with pytest.raises(ValueError):
+        run.quantile(1.5)
 
 
 def test_scratch_redis_answers_while_open_and_is_gone_after(tmp_path: Path) -> None:

@@ -16,24 +16,38 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imgpipe import threads
-from imgpipe.bench.results import BenchError, Rounds
+from imgpipe.bench.results import BenchError, HistogramCounts, Rounds
 from imgpipe.bench.workloads import WORKLOADS, Workload
 from imgpipe.errors import ConfigError
 from imgpipe.scratch_redis import ScratchRedisError, scratch_redis
 from imgpipe.settings import ENV_PREFIX, Settings
 
-VARIANTS = ("inprocess", "dataloader", "naive", "pipeline", "stream", "watch", "compute", "decode", "enqueue")
+if TYPE_CHECKING:
+    from imgpipe.bench.pipeline import Workers
+
+VARIANTS = (
+    "inprocess", "dataloader", "naive", "pipeline", "stream", "watch", "compute", "decode", "enqueue", "latency"
+)  # fmt: skip
+# What runs without --variants: every variant but latency (opt-in: paced feeds take as long as they take).
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "latency")
 # Variants that need the scratch redis-server (skipped without one).
-REDIS_VARIANTS = ("naive", "pipeline", "stream", "watch", "enqueue")
+REDIS_VARIANTS = ("naive", "pipeline", "stream", "watch", "enqueue", "latency")
+# The worker-fed variants of a workload (enqueue has its own synthetic paths).
+QUEUE_VARIANTS = ("naive", "pipeline", "stream", "watch", "latency")
+# latency: the p95 target of the adaptive workers per workload (ms, --latency-ms overrides), and the arrival
+# rate of its paced one-path messages as a fraction of the fixed workers' measured one-path capacity.
+LATENCY_TARGET_MS = {"digits": 50, "photos": 100}
+LATENCY_LOAD = 0.6
 # The ratios the JSON reports: numerator variant / denominator variant, per workload.
 RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "inprocess"), ("pipeline", "naive"))
 PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
+LATENCY_METRIC, BATCH_METRIC = "imgpipe_image_latency_seconds", "imgpipe_batch_size"
 WHAT = {
     "inprocess": "`imgpipe classify` path: scan, decode threads, batched inference, JSONL records",
     "dataloader": "peer: plain DataLoader script, same model and preprocessing (best of num_workers 0, 2)",
@@ -44,6 +58,7 @@ WHAT = {
     "compute": "ceiling: the model alone on pre-decoded batches (Engine.predict; AMP, channels_last, pinned on CUDA)",
     "decode": "ceiling: read + decode + preprocess alone, on the engine's decode threads",
 }
+LATENCY_SETS = ("fixed", "adaptive")
 
 
 def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
@@ -64,7 +79,12 @@ def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
     show_default=True,
     help="digits (the demo PNGs, DATA if given) and/or photos (640x480 JPEGs, mobilenet_v3_small).",
 )
-@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated variants to run.")
+@click.option(
+    "--variants",
+    default=",".join(DEFAULT_VARIANTS),
+    show_default=True,
+    help="Comma-separated variants to run (latency is opt-in: " + ",".join(VARIANTS) + ").",
+)
 @click.option("--images", default=4000, show_default=True, type=click.IntRange(min=1), help="digits: images.")
 @click.option("--photos", default=300, show_default=True, type=click.IntRange(min=1), help="photos: images.")
 @click.option(
@@ -100,6 +120,14 @@ def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
     type=click.IntRange(min=1),
     help="enqueue: synthetic paths per measurement.",
 )
+@click.option(
+    "--latency-ms",
+    default=None,
+    type=click.IntRange(min=1),
+    help="latency: p95 target of the adaptive workers [default: "
+    + ", ".join(f"{k} {v}" for k, v in LATENCY_TARGET_MS.items())
+    + "].",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device of the engine and the workers.")
 @click.option("--contention", is_flag=True, help="Keep one core busy with a CPU-bound process for the whole run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
@@ -114,6 +142,7 @@ def bench(
     batch_size: int | None,
     chunk_size: int | None,
     paths: int,
+    latency_ms: int | None,
     device: str,
     contention: bool,
     json_path: Path | None,
@@ -131,6 +160,10 @@ def bench(
     compute     ceiling: the model alone on pre-decoded tensors (what inference allows)
     decode      ceiling: reading, decoding and preprocessing alone (what the decode threads allow)
     enqueue     paths/s of the producer for --paths synthetic paths (against a plain send_task loop)
+    latency     opt-in (--variants ...,latency): one-path messages sent at a steady rate, 0.6 of the
+                one-path capacity measured at warm-up, to fixed batching (IMGPIPE_MAX_BATCH, MAX_WAIT_MS)
+                and to adaptive batching (IMGPIPE_MAX_LATENCY_MS=--latency-ms); images/s, mean batch
+                and latency p50/p95 from receipt to record (the workers' histogram, warm-up excluded)
 
     Rounds are interleaved (A B C, A B C, ...) so that drift in the machine's load touches every variant
     alike; the medians and the ratios inprocess/dataloader, pipeline/inprocess, stream/inprocess and
@@ -148,6 +181,7 @@ def bench(
         batch_size=batch_size or settings.batch.max_batch,
         chunk_size=chunk_size or settings.producer.chunk_size,
         paths=paths,
+        latency_ms=latency_ms,
         device=device,
         digits_model=settings.model.resolved_path().absolute(),
         torch_threads=settings.batch.torch_threads,
@@ -211,6 +245,7 @@ class _Options:
     batch_size: int
     chunk_size: int
     paths: int
+    latency_ms: int | None
     device: str
     digits_model: Path
     torch_threads: int
@@ -218,7 +253,7 @@ class _Options:
 
 
 def _progress(workload: str, round_: int, rounds: int, variant: str, rate: float) -> None:
-    click.echo(f"{workload} round {round_}/{rounds}: {variant:<13} {rate:9.1f} images/s", err=True)
+    click.echo(f"{workload} round {round_}/{rounds}: {variant:<16} {rate:9.1f} images/s", err=True)
 
 
 def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_url: str | None) -> dict[str, Any]:
@@ -242,7 +277,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
         if "dataloader" in variants:
             for workers in PEER_NUM_WORKERS:
                 runners[f"dataloader_w{workers}"] = _peer(workload, tmp, o, workers)
-        queue_variants = [v for v in variants if v in ("naive", "pipeline", "stream", "watch")]
+        queue_variants = [v for v in variants if v in QUEUE_VARIANTS]
         if queue_variants:
             assert redis_url is not None
             from imgpipe.bench.pipeline import Workers
@@ -261,10 +296,24 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                     Workers(redis_url, 0, tmp / name / "batched", **common,
                             env={**env, f"{ENV_PREFIX}MAX_BATCH": str(o.batch_size)})
                 )  # fmt: skip
+            latency: _LatencyRuns | None = None
+            if "latency" in queue_variants:
+                target_ms = o.latency_ms or LATENCY_TARGET_MS[name]
+                adaptive = stack.enter_context(
+                    Workers(redis_url, 2, tmp / name / "adaptive", **common,
+                            env={**env, f"{ENV_PREFIX}MAX_BATCH": str(o.batch_size),
+                                 f"{ENV_PREFIX}MAX_LATENCY_MS": str(target_ms)})
+                )  # fmt: skip
+                adaptive.wait_ready()
+                latency = _LatencyRuns(workload.images, {"fixed": sets["batched"], "adaptive": adaptive}, target_ms)
             for workers_set in sets.values():
                 workers_set.wait_ready()
             for set_name, workers_set in sets.items():  # warm-up: page cache, TorchScript executor, connections
                 workers_set.run_job(workload.images, o.batch_size if set_name == "batched" else 1)
+            if latency is not None:
+                latency.warm_up()
+                for key in LATENCY_SETS:
+                    runners[f"latency_{key}"] = latency.runner(key)
             if "naive" in sets:
                 runners["naive"] = lambda: sets["naive"].run_job(workload.images, 1)
             if "pipeline" in queue_variants:
@@ -287,11 +336,16 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
             for key, workers_set in sets.items():
                 total, count = workers_set.mean_batch()
                 before = batch_before[key]
+                if key == "batched" and latency is not None:  # without the paced runs, reported on their own
+                    total, count = total - latency.batch["fixed"].sum, count - latency.batch["fixed"].count
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
+            if latency is not None:
+                info["latency"] = latency.summary(rounds)
     rates: dict[str, float] = {}
-    for variant in runners:
+    measured = [v for v in runners if not v.startswith("latency_")]  # the paced runs: in info["latency"]
+    for variant in measured:
         median = rounds.median(variant)
         assert median is not None  # every runner ran in every round
         rates[variant] = round(median, 1)
@@ -315,9 +369,68 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
         "model": workload.model.name,
         "rates": rates,
         "ratios": ratios,
-        "rounds": {v: [round(r, 1) for r in values] for v, values in rounds.rates.items()},
+        "rounds": {v: [round(r, 1) for r in rounds.rates[v]] for v in measured},
         **info,
     }
+
+
+class _LatencyRuns:
+    """The latency variant: the images as one-path messages at a steady arrival rate (LATENCY_LOAD of the
+    one-path capacity the fixed workers show at warm-up) into each worker set, fixed and adaptive; per set,
+    the worker's batch size and receipt-to-record latency histograms summed over the measured runs only."""
+
+    def __init__(self, images: Path, sets: dict[str, Workers], target_ms: int) -> None:
+        self.images = images
+        self.sets = sets
+        self.target_ms = target_ms
+        self.capacity = 0.0
+        self.arrival = 0.0
+        self.latency = {key: HistogramCounts({}) for key in sets}
+        self.batch = {key: HistogramCounts({}) for key in sets}
+
+    def warm_up(self) -> None:
+        """One unpaced one-path run into each set (the fixed set's is the capacity), one paced run into each."""
+        self.capacity = self.sets["fixed"].run_job(self.images, 1)
+        self.sets["adaptive"].run_job(self.images, 1)
+        self.arrival = LATENCY_LOAD * self.capacity
+        for workers_set in self.sets.values():  # the adaptive sizer settles on the paced feed
+            workers_set.run_paced(self.images, self.arrival)
+
+    def runner(self, key: str) -> Callable[[], float]:
+        workers_set = self.sets[key]
+
+        def run() -> float:
+            latency, batch = workers_set.histogram(LATENCY_METRIC), workers_set.histogram(BATCH_METRIC)
+            rate = workers_set.run_paced(self.images, self.arrival)
+            self.latency[key] += workers_set.histogram(LATENCY_METRIC) - latency
+            self.batch[key] += workers_set.histogram(BATCH_METRIC) - batch
+            return rate
+
+        return run
+
+    def summary(self, rounds: Rounds) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "target_ms": self.target_ms,
+            "load": LATENCY_LOAD,
+            "capacity": round(self.capacity, 1),
+            "arrival_rate": round(self.arrival, 1),
+        }
+        for key in self.sets:
+            median = rounds.median(f"latency_{key}")
+            assert median is not None  # every runner ran in every round
+            mean_batch, p50, p95 = (
+                self.batch[key].mean(),
+                self.latency[key].quantile(0.5),
+                self.latency[key].quantile(0.95),
+            )
+            result[key] = {
+                "rate": round(median, 1),
+                "mean_batch": None if mean_batch is None else round(mean_batch, 1),
+                "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+                "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+                "rounds": [round(r, 1) for r in rounds.rates[f"latency_{key}"]],
+            }
+        return result
 
 
 def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float]:
@@ -428,7 +541,25 @@ def _table(name: str, result: dict[str, Any]) -> str:
         lines.append(f"  bound by {result['bound']:<12} inprocess at {result['inprocess_of_ceiling']:.2f} of it")
     if "per_message_overhead_us" in result:
         lines.append(f"  per-message overhead   {result['per_message_overhead_us']:.0f} us")
+    if "latency" in result:
+        lat = result["latency"]
+        lines.append(
+            f"  latency: one-path messages at {lat['load']} x {lat['capacity']:.0f} = {lat['arrival_rate']:.0f}/s"
+            f" (of the one-path capacity); adaptive p95 target {lat['target_ms']} ms"
+        )
+        lines.append(
+            "    latency from message receipt to record, from the workers' histogram buckets, warm-up excluded"
+        )
+        lines.append(f"    {'batching':<10} {'images/s':>10} {'mean batch':>11} {'p50 ms':>8} {'p95 ms':>8}")
+        for key in LATENCY_SETS:
+            row = lat[key]
+            cells = [_number(row[k], 1) for k in ("mean_batch", "p50_ms", "p95_ms")]
+            lines.append(f"    {key:<10} {row['rate']:10.1f} {cells[0]:>11} {cells[1]:>8} {cells[2]:>8}")
     return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from types import TracebackType
 import redis
 
 from imgpipe import keys
-from imgpipe.bench.results import BenchError
+from imgpipe.bench.results import BenchError, HistogramCounts
 from imgpipe.jobs import JobStatus, create_job, iter_records, job_status, seal_job
 from imgpipe.procs import ProcessError, WorkerProcess, imgpipe_argv, stop_process_group, wait_until
 from imgpipe.producer.enqueue import Enqueuer, producer_app
@@ -27,20 +27,33 @@ SLOWEST_RATE = 2.0
 POLL_S = 0.01
 
 
-def batch_size_totals(port: int | None) -> tuple[float, float]:
-    """(sum, count) of a worker's imgpipe_batch_size histogram; (0, 0) when it serves no metrics."""
+def histogram_counts(port: int | None, name: str) -> HistogramCounts:
+    """Histogram ``name`` (e.g. imgpipe_batch_size) as a worker's /metrics serves it now; empty when the worker
+    serves no metrics."""
     if port is None:
-        return 0.0, 0.0
+        return HistogramCounts({})
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    totals = {"imgpipe_batch_size_sum": 0.0, "imgpipe_batch_size_count": 0.0}
+    buckets: dict[float, float] = {}
+    total = count = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals["imgpipe_batch_size_sum"], totals["imgpipe_batch_size_count"]
+            if sample.name == f"{name}_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+            elif sample.name == f"{name}_sum":
+                total += sample.value
+            elif sample.name == f"{name}_count":
+                count += sample.value
+    return HistogramCounts(buckets, total, count)
+
+
+def batch_size_totals(port: int | None) -> tuple[float, float]:
+    """(sum, count) of a worker's imgpipe_batch_size histogram; (0, 0) when it serves no metrics."""
+    counts = histogram_counts(port, "imgpipe_batch_size")
+    return counts.sum, counts.count
 
 
 def _finished(status: JobStatus) -> JobStatus | None:
@@ -93,6 +106,10 @@ class Workers:
         totals = [batch_size_totals(port) for port in self.ports]
         return sum(t[0] for t in totals), sum(t[1] for t in totals)
 
+    def histogram(self, name: str) -> HistogramCounts:
+        """Histogram ``name`` summed over the workers, as their /metrics serve it now."""
+        return sum((histogram_counts(port, name) for port in self.ports), HistogramCounts({}))
+
     def wait_job(self, job_id: str, count: int) -> JobStatus:
         try:
             status = wait_until(
@@ -123,6 +140,33 @@ class Workers:
         assert finished is not None  # a finished job has its time
         self._drop(job_id)
         return count / max(finished - start, 1e-9)
+
+    def run_paced(self, folder: Path, rate: float) -> float:
+        """Send the images of ``folder`` one path per message at a steady ``rate`` (messages/s), as cameras or
+        an upload service produce them, each sent when its time comes (those due together go in one round
+        trip); images/s from the first send to the job's last record."""
+        if rate <= 0:
+            raise ValueError(f"arrival rate must be > 0, got {rate}")
+        paths = list(scan(folder))
+        ttl = self.settings.result_ttl_days * 86400
+        job_id = create_job(self.client, None, kind="batch", roots=[str(folder)], ttl_seconds=ttl)
+        start = time.time()
+        begin = time.perf_counter()
+        with Enqueuer(self.client, self.app, job_id, chunk_size=1, ttl_seconds=ttl) as enqueuer:
+            sent = 0
+            while sent < len(paths):
+                due = min(len(paths), int((time.perf_counter() - begin) * rate) + 1)
+                if due > sent:
+                    enqueuer.add(paths[sent:due])
+                    sent = due
+                else:  # until the next one is due
+                    time.sleep(max(0.0, begin + sent / rate - time.perf_counter()))
+        seal_job(self.client, job_id)
+        status = self.wait_job(job_id, len(paths))
+        finished = status.progress.finished
+        assert finished is not None  # a finished job has its time
+        self._drop(job_id)
+        return len(paths) / max(finished - start, 1e-9)
 
     def run_watch(self, sources: Path, watched: Path) -> float:
         """Start `imgpipe watch` on an empty ``watched`` folder, then move the files of ``sources`` in, as a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -82,3 +83,45 @@ class Rounds:
     def median(self, variant: str) -> float | None:
         values = self.rates.get(variant)
         return statistics.median(values) if values else None
+
+
+@dataclass(frozen=True)
+class HistogramCounts:
+    """A Prometheus histogram's cumulative bucket counts (upper bound -> count, +Inf included), sum and count,
+    as read from /metrics; differences of two readings are what happened in between."""
+
+    buckets: dict[float, float]
+    sum: float = 0.0
+    count: float = 0.0
+
+    def __add__(self, other: HistogramCounts) -> HistogramCounts:
+        bounds = set(self.buckets) | set(other.buckets)
+        merged = {b: self.buckets.get(b, 0.0) + other.buckets.get(b, 0.0) for b in bounds}
+        return HistogramCounts(merged, self.sum + other.sum, self.count + other.count)
+
+    def __sub__(self, before: HistogramCounts) -> HistogramCounts:
+        delta = {b: c - before.buckets.get(b, 0.0) for b, c in self.buckets.items()}
+        return HistogramCounts(delta, self.sum - before.sum, self.count - before.count)
+
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count > 0 else None
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile estimated as Prometheus' histogram_quantile does: linear within the bucket that holds
+        it (from 0 for the first), the highest finite bound when it falls in +Inf; None without observations."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"quantile {q} is outside [0, 1]")
+        bounds = sorted(self.buckets)
+        total = self.buckets.get(math.inf, 0.0)
+        if not bounds or total <= 0:
+            return None
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound in bounds:
+            count = self.buckets[bound]
+            if count >= rank and count > below:
+                if math.isinf(bound):
+                    return lower
+                return lower + (bound - lower) * (rank - below) / (count - below)
+            lower, below = bound, count
+        return lower
