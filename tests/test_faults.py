@@ -186,6 +186,39 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
         assert result.returncode == 0 and len(result.stdout.splitlines()) == 5, result.stderr
 
 
+def test_a_queue_filled_before_the_worker_starts_is_taken_in_bulk_hostile_items_and_copies_included(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    """The transport takes many queued items per round trip (TAKE_LUA) and the consumer runs them in groups:
+    junk, a foreign task, a bad message id and two copies of one message, all mixed into one full queue, are
+    refused or dropped, each valid path gets exactly one record and nothing is left unacknowledged."""
+    data = tmp_path / "data"
+    good = [str(p) for p in _small(data, 60)]
+    job_id = create_job(client, None, kind="batch", roots=[str(data)], ttl_seconds=TTL)
+    client.hincrby(keys.job(job_id), "total", len(good))
+    for i, path in enumerate(good):
+        send_raw(redis_url, [job_id, [path]], f"one-{i}")
+        if i % 10 == 0:
+            client.lpush("imgpipe", "hello")  # junk: the Lua step cannot record it
+            send_raw(redis_url, [job_id, [path]], f"other-{i}", {"task": "someone.elses_task"})  # recorded, refused
+            send_raw(redis_url, [job_id, [path]], f"bad id {i}")  # a message id that is no key part
+            send_raw(redis_url, [job_id, [path]], f"one-{i}")  # a second copy of the message just sent
+    seal_job(client, job_id)
+    env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_METRICS_PORT="0")
+    with Workers(tmp_path, env) as workers:
+        worker = workers.start()
+        port = int(worker.wait_ready() or 0)
+        wait_for_job(client, job_id, timeout=60, workers=workers)
+        records = assert_exactly_once(client, job_id, set(good))
+        assert {r["status"] for r in records.values()} == {"ok"}
+        wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "nothing left")
+        assert client.zcard("unacked_index") == 0
+        text = scrape(port)
+        for reason in ("junk", "unknown_task", "message_id"):
+            assert f'imgpipe_messages_refused_total{{reason="{reason}"}} 6.0' in text, (reason, text)
+        assert worker.proc.poll() is None
+
+
 def test_kill9_mid_job_then_a_new_worker_finishes_within_a_minute_with_default_settings(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:

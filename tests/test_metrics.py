@@ -238,7 +238,9 @@ def test_exporter_reports_a_bounded_set_of_queues() -> None:
 def test_every_refusal_reason_and_resend_cause_is_initialised() -> None:
     """The reasons and causes spelled in the code are the ones created at 0 (so rate() sees the first one).
     (A path's own reasons, ``return "not_allowed", ...``, are image errors, not refusals.)"""
-    sources = "".join((REPO / p).read_text() for p in ("imgpipe/messages.py", "worker/transport.py"))
+    sources = "".join(
+        (REPO / p).read_text() for p in ("imgpipe/messages.py", "worker/transport.py", "worker/consumer.py")
+    )
     spelled = set(re.findall(r'Refused\("(\w+)"', sources)) | set(re.findall(r'return "(\w+)"$', sources, re.M))
     assert spelled == set(metrics.REFUSAL_REASONS)
     runs = "".join((REPO / p).read_text() for p in ("worker/run.py", "worker/pipeline.py"))

@@ -177,7 +177,17 @@ def initialise_series() -> None:
 # Messages a worker refused before any Redis write, by reason: what worker/transport.py drops at the queue
 # (junk, content_type, unknown_task) and what imgpipe.messages.parse refuses (the others).
 REFUSED = Counter("imgpipe_messages_refused_total", "Messages refused by a worker, by reason", ["reason"])
-REFUSAL_REASONS = ("junk", "content_type", "unknown_task", "version", "schema", "job_id", "too_many_paths", "too_large")
+REFUSAL_REASONS = (
+    "junk",
+    "content_type",
+    "unknown_task",
+    "message_id",
+    "version",
+    "schema",
+    "job_id",
+    "too_many_paths",
+    "too_large",
+)
 # Messages sent again, by cause: "reconciler" (lost from the queue, or its lease expired), "model" (a pinned
 # job's message found in another model's queue, moved to its own).
 RESENT = Counter("imgpipe_messages_resent_total", "Messages re-sent by the reconciler, by cause", ["cause"])
