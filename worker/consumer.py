@@ -30,7 +30,7 @@ from kombu.transport import virtual
 
 from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
 from imgpipe.worker import metrics
-from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, GiveBack, Item, Pipeline, Verdict
+from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, WORK, GiveBack, Item, Pipeline, Verdict, Work
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}")
 GROUP_THREADS = 3
 # Seconds a group waits for more deliveries while images are in work.
 LINGER_S = 0.005
+# Most deliveries leased in one Lua call.
+LEASE_MAX = 256
 # Threads for messages that must run alone (suspects; few at a time by nature).
 ALONE_THREADS = 2
 
@@ -110,15 +112,18 @@ def ack(raw: Any) -> None:
 
 
 class Runner:
-    """Group threads between Celery's consumer and the pipeline (one per worker process)."""
+    """Between Celery's consumer and the pipeline (one per worker process): a lease thread takes the leases of
+    deliveries as they arrive, and group threads run the leased messages through the batcher in groups."""
 
     def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int = GROUP_THREADS) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.group_images = max(1, group_images)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._leased: queue.SimpleQueue[tuple[_Delivery, Work] | None] = queue.SimpleQueue()
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="imgpipe-lease", daemon=True)
         self._threads = [
-            threading.Thread(target=self._loop, name=f"imgpipe-group-{i}", daemon=True) for i in range(threads)
+            threading.Thread(target=self._work_loop, name=f"imgpipe-group-{i}", daemon=True) for i in range(threads)
         ]
         self._alone = ThreadPoolExecutor(ALONE_THREADS, thread_name_prefix="imgpipe-alone")
         self._lock = threading.Lock()
@@ -129,7 +134,7 @@ class Runner:
         self.hub: Any = None
 
     def start(self) -> Runner:
-        for thread in self._threads:
+        for thread in [self._lease_thread, *self._threads]:
             thread.start()
         return self
 
@@ -152,8 +157,7 @@ class Runner:
         return True
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._inbox.put(None)
+        self._inbox.put(None)  # the lease thread passes it on to the group threads
         self._alone.shutdown(wait=False, cancel_futures=True)
 
     def _done(self, count: int = 1) -> None:
@@ -161,65 +165,55 @@ class Runner:
             self._pending -= count
             self._settled.notify_all()
 
-    def _take(self) -> list[_Delivery] | None:
-        """The first delivery to arrive and whatever else is waiting, up to ``group_images`` images."""
-        first = self._inbox.get()
-        if first is None:
-            return None
-        group = [first]
-        images = self._parse(first)
-        # While images are in work, a group lingers a moment for more deliveries: its round trips then serve
-        # many messages, and its images would wait for the batch in work anyway. An idle worker starts at once.
-        linger = time.monotonic() + LINGER_S if self.pipeline.gate.used > 0 else 0.0
-        while images < self.group_images:
+    def _lease_loop(self) -> None:
+        while True:
+            first = self._inbox.get()
+            if first is None:
+                for _ in self._threads:
+                    self._leased.put(None)
+                return
+            group = [first]
+            while len(group) < LEASE_MAX:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._inbox.put(None)  # for the next turn
+                    break
+                group.append(more)
             try:
-                left = linger - time.monotonic()
-                more = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                self._inbox.put(None)  # for this thread's next turn
-                break
-            group.append(more)
-            images += self._parse(more)
-        return group
-
-    def _parse(self, delivery: _Delivery) -> int:
-        try:
-            item = parse_delivery(delivery.raw, self.limits)
-        except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
-            metrics.REFUSED.labels(reason=exc.reason).inc()
-            log.error("a message was refused (%s): %s; dropped", exc.reason, exc.detail)
-            return 0
-        delivery.item = Item(item.message_id, item.message, delivery.received)
-        return len(item.message.paths)
-
-    def _loop(self) -> None:
-        while (group := self._take()) is not None:
-            try:
-                self._run(group)
+                self._lease(group)
             except Exception:  # never lose the thread; the deliveries' leases bring them back
-                log.exception("handling a group of %d messages failed", len(group))
+                log.exception("taking the leases of %d messages failed", len(group))
 
-    def _run(self, group: list[_Delivery]) -> None:
+    def _lease(self, group: list[_Delivery]) -> None:
+        for delivery in group:
+            self._parse(delivery)
         refused = [d for d in group if d.item is None]
         valid = [d for d in group if d.item is not None]
         raws = [d.raw for d in valid]
         try:
-            verdicts = self.pipeline.process_group(
+            verdicts = self.pipeline.lease_group(
                 [d.item for d in valid if d.item is not None],
                 lambda pipe, indices: queue_acks(pipe, [raws[i] for i in indices]),
             )
-        except Exception as exc:  # Redis failed before anything was leased or written
+        except Exception as exc:  # Redis failed before anything was leased
             log.warning("taking %d messages failed, giving them back: %s", len(valid), exc)
             verdicts = [Verdict(REQUEUE) for _ in valid]
         for d in refused:
             ack(d.raw)
-        settled = len(refused)
+        self._settle(list(zip(valid, verdicts, strict=True)), len(refused))
+
+    def _settle(self, outcomes: list[tuple[_Delivery, Verdict]], settled: int = 0) -> None:
         done: list[Any] = []
-        for d, verdict in zip(valid, verdicts, strict=True):
+        for d, verdict in outcomes:
             if verdict.kind == ALONE:
                 self._alone.submit(self._run_alone, d, verdict)
+                continue
+            if verdict.kind == WORK:
+                assert verdict.work is not None
+                self._leased.put((d, verdict.work))
                 continue
             settled += 1
             if verdict.kind == ACKED:
@@ -228,8 +222,56 @@ class Runner:
                 ack(d.raw)
             else:
                 requeue(d.raw)
-        self._on_loop(_acked_all, done)
-        self._done(settled)
+        if done or settled:
+            self._on_loop(_acked_all, done)
+        if settled:
+            self._done(settled)
+
+    def _work_loop(self) -> None:
+        while True:
+            first = self._leased.get()
+            if first is None:
+                return
+            group = [first]
+            images = _images(first[1])
+            # While images are in work, a group lingers a moment for more: its round trips then serve many
+            # messages, and its images would wait for the batch in work anyway. An idle worker starts at once.
+            linger = time.monotonic() + LINGER_S if self.pipeline.gate.used > 0 else 0.0
+            stop = False
+            while images < self.group_images:
+                try:
+                    left = linger - time.monotonic()
+                    more = self._leased.get(timeout=left) if left > 0 else self._leased.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                group.append(more)
+                images += _images(more[1])
+            self._work(group)
+            if stop:
+                return
+
+    def _work(self, group: list[tuple[_Delivery, Work]]) -> None:
+        raws = [d.raw for d, _ in group]
+        try:
+            verdicts = self.pipeline.work_group(
+                [w for _, w in group], lambda pipe, indices: queue_acks(pipe, [raws[i] for i in indices])
+            )
+        except Exception:  # never lose the thread; the deliveries' leases bring them back
+            log.exception("handling a group of %d messages failed", len(group))
+            verdicts = [Verdict(REQUEUE) for _ in group]
+        self._settle([(d, v) for (d, _), v in zip(group, verdicts, strict=True)])
+
+    def _parse(self, delivery: _Delivery) -> None:
+        try:
+            item = parse_delivery(delivery.raw, self.limits)
+        except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
+            metrics.REFUSED.labels(reason=exc.reason).inc()
+            log.error("a message was refused (%s): %s; dropped", exc.reason, exc.detail)
+            return
+        delivery.item = Item(item.message_id, item.message, delivery.received)
 
     def _on_loop(self, callback: Any, *args: Any) -> None:
         """Run ``callback`` on the consumer's event loop and wake it (it may be waiting with every prefetch
@@ -256,6 +298,10 @@ class Runner:
         finally:
             self._on_loop(_acked_all, [])
             self._done()
+
+
+def _images(work: Work) -> int:
+    return max(1, len(work.good))
 
 
 def strategy(task: Any, app: Any, consumer: Any, **_: Any) -> Any:

@@ -46,23 +46,10 @@ class Item:
     received: float  # time.monotonic() of its receipt: where its images' latency starts
 
 
-# What the group consumer does with each delivery: ACKED (acknowledged in the group's last round trip),
-# ACK (acknowledge it), REQUEUE (give it back to the queue), ALONE (run it alone with ``process``, lease taken).
-ACKED, ACK, REQUEUE, ALONE = "acked", "ack", "requeue", "alone"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    kind: str
-    begun: Begun | None = None  # ALONE: its lease
-
-
-# Adds the acknowledgements of the given items to a pipeline (the group's last round trip).
-QueueAcks = Callable[[Any, Sequence[int]], None]
-
-
 @dataclass
-class _Work:
+class Work:
+    """A leased message's part in a group: the paths to classify, its refused paths' records, its outcome."""
+
     index: int
     item: Item
     good: list[str]
@@ -70,6 +57,23 @@ class _Work:
     futures: list[concurrent.futures.Future[Record]] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     error: BaseException | None = None
+
+
+# What the group consumer does with each delivery: ACKED (acknowledged in the group's last round trip),
+# ACK (acknowledge it), REQUEUE (give it back to the queue), ALONE (run it alone with ``process``, lease taken),
+# WORK (leased: for ``work_group``).
+ACKED, ACK, REQUEUE, ALONE, WORK = "acked", "ack", "requeue", "alone", "work"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str
+    begun: Begun | None = None  # ALONE: its lease
+    work: Work | None = None  # WORK: what to classify
+
+
+# Adds the acknowledgements of the given items to a pipeline (the group's last round trip).
+QueueAcks = Callable[[Any, Sequence[int]], None]
 
 
 class GiveBack(Exception):
@@ -204,40 +208,59 @@ class Pipeline:
         self.leases.finish(message_id, job_id)
         return len(written or []) + dead
 
-    def process_group(self, items: Sequence[Item], queue_acks: QueueAcks) -> list[Verdict]:
-        """Handle several deliveries together: one round trip takes their leases, one marks them working, and
-        one writes their records, ends their leases and acknowledges them (``queue_acks`` adds the last part
-        to that pipeline); their images share the batcher's batches. Returns one verdict per item.
-
-        A message that must run alone (a suspect, or one at its delivery limit) is handed back as ALONE with its
-        lease, for ``process``; one not started or that failed is given back (REQUEUE): its records so far are
-        written, its lease ended by the charging rule (docs/reliability.md).
+    def lease_group(self, items: Sequence[Item], queue_acks: QueueAcks) -> list[Verdict]:
+        """Stage one, as deliveries arrive: take their leases in one Lua call (a message held in the worker is
+        leased at once, so the reconciler never takes it for lost). Returns one verdict per item: WORK (with
+        its paths split into those to classify and error records for those its job's roots refuse), ALONE (a
+        suspect, or at its delivery limit: for ``process``, lease taken), ACKED/ACK (nothing to do: no job, a
+        duplicate copy, pinned elsewhere, cancelled, every record written), REQUEUE (shutting down).
         """
-        verdicts: list[Verdict] = [Verdict(ACK) for _ in items]
         if self.stopping.is_set():  # shutting down: nothing new starts, no lease taken
             return [Verdict(REQUEUE) for _ in items]
+        verdicts: list[Verdict] = [Verdict(ACK) for _ in items]
         begun_all = self.leases.begin_many([(it.message_id, it.message.job_id, it.message.paths) for it in items])
         model = self.engine.model_id
-        finished: list[int] = []  # leases to end as done in the final round trip
-        work: list[_Work] = []
+        finished: list[int] = []
         for i, (item, begun) in enumerate(zip(items, begun_all, strict=True)):
             if self._dropped(item.message_id, item.message, begun):
                 continue
             if begun.cancelled or not begun.todo:  # cancelled, or a copy whose records are all written
                 finished.append(i)
-                continue
-            if begun.suspect or begun.count >= self.limits.max_deliveries:
+            elif begun.suspect or begun.count >= self.limits.max_deliveries:
                 verdicts[i] = Verdict(ALONE, begun)
-                continue
-            good, refused = self._split([item.message.paths[j] for j in begun.todo], begun.roots, model)
-            work.append(_Work(i, item, good, refused))
+            else:
+                good, refused = self._split([item.message.paths[j] for j in begun.todo], begun.roots, model)
+                verdicts[i] = Verdict(WORK, work=Work(i, item, good, refused))
+        if finished:  # their leases end and they are acknowledged in one round trip
+            pipe = self.store.client.pipeline(transaction=False)
+            self.leases.finish_many(pipe, [(items[i].message_id, items[i].message.job_id) for i in finished])
+            queue_acks(pipe, finished)
+            try:
+                pipe.execute()
+            except Exception as exc:  # Redis failed: given back, their leases end by the rule
+                for i in finished:
+                    self.failed(items[i].message_id, items[i].message.job_id, exc)
+                    verdicts[i] = Verdict(REQUEUE)
+            else:
+                for i in finished:
+                    verdicts[i] = Verdict(ACKED)
+        return verdicts
+
+    def work_group(self, work: Sequence[Work], queue_acks: QueueAcks) -> list[Verdict]:
+        """Stage two, leased messages together: one Lua call marks them working (after the work gate), their
+        images share the batcher's batches, and one pipeline writes their records, ends their leases and
+        acknowledges them (``queue_acks`` adds that part). Returns ACKED or REQUEUE per message: one not started
+        (shutting down) or that failed is given back, its records so far written, its lease ended by the charging
+        rule (docs/reliability.md).
+        """
+        for index, w in enumerate(work):
+            w.index = index
+        verdicts: list[Verdict] = [Verdict(ACK) for _ in work]
         weight = sum(len(w.good) for w in work)
-        if weight and not self.gate.acquire(weight, self.stopping):
+        if self.stopping.is_set() or (weight and not self.gate.acquire(weight, self.stopping)):
             for w in work:
                 self.leases.give_back(w.item.message_id, w.item.message.job_id)
-                verdicts[w.index] = Verdict(REQUEUE)
-            work = []
-            weight = 0
+            return [Verdict(REQUEUE) for _ in work]
         try:
             if weight:
                 self.leases.working_many([w.item.message_id for w in work if w.good])
@@ -249,7 +272,7 @@ class Pipeline:
         finally:
             if weight:
                 self.gate.release(weight)
-        self._finish_group(items, work, finished, verdicts, queue_acks, model)
+        self._finish_group([w.item for w in work], work, verdicts, queue_acks, self.engine.model_id)
         return verdicts
 
     def _split(self, todo: Sequence[str], roots: Sequence[str] | None, model: str) -> tuple[list[str], list[Record]]:
@@ -264,8 +287,8 @@ class Pipeline:
                 refused.append(_error(path, why[1], model, why[0]))
         return good, refused
 
-    def _classify_group(self, work: Sequence[_Work]) -> None:
-        """Submit every message's images at once; each message's outcome goes on its ``_Work``."""
+    def _classify_group(self, work: Sequence[Work]) -> None:
+        """Submit every message's images at once; each message's outcome goes on its ``Work``."""
         started = time.monotonic()
         for w in work:
             if w.good:
@@ -296,14 +319,14 @@ class Pipeline:
     def _finish_group(
         self,
         items: Sequence[Item],
-        work: Sequence[_Work],
-        finished: list[int],
+        work: Sequence[Work],
         verdicts: list[Verdict],
         queue_acks: QueueAcks,
         model: str,
     ) -> None:
         """One round trip: write the records, end the leases of the messages done, acknowledge them."""
         pipe = self.store.client.pipeline(transaction=False)
+        finished: list[int] = []
         by_job: dict[str, list[Record]] = {}  # one write per job, whatever the number of its messages here
         for w in work:
             if w.error is None:
