@@ -100,3 +100,36 @@ def test_an_expired_working_lease_is_resent_by_the_reconciler(client: redis.Redi
     wait_until(lambda: reconciler.expired() or None, 10, "the lease expired and the message was sent again")
     assert sent == [(job_id, paths, "msg-1")]
     assert int(client.hget(keys.deliveries("msg-1"), "count") or 0) == 1  # it worked alone: charged
+
+
+def test_leases_of_a_group_are_taken_in_one_call_with_copies_and_missing_jobs_told_apart(
+    client: redis.Redis,
+) -> None:
+    job_id = _job(client, 3)
+    other = _job(client, 1)
+    ResultStore(client, TTL).write(job_id, [ok_record("/d/b.png", [("7", 0.9)], MODEL)], MODEL)
+    one = Leases(client, "worker-1", lease_ttl=30, key_ttl=TTL)
+    got = one.begin_many(
+        [
+            ("m1", job_id, ["/d/a.png", "/d/b.png"]),
+            ("m2", "no-such-job", ["/d/x.png"]),
+            ("m1", job_id, ["/d/a.png", "/d/b.png"]),  # a second copy of m1 in the same group
+            ("m3", other, ["/d/c.png"]),
+            ("m4", job_id, []),
+        ]
+    )
+    assert [b.state for b in got] == ["ok", "no_job", "duplicate", "ok", "ok"]
+    assert got[0].todo == (0,) and got[3].todo == (0,) and got[4].todo == ()  # /d/b.png has its record
+    assert one.held == {"m1", "m3", "m4"}
+    assert Leases(client, "worker-2", 30, TTL).begin("m3", other, ["/d/c.png"]).state == "duplicate"
+    one.working_many(["m1", "m3"])
+    assert client.hget(keys.deliveries("m1"), "state") == b"working"
+    pipe = client.pipeline(transaction=False)
+    one.finish_many(pipe, [("m1", job_id), ("m3", other)])
+    pipe.execute()
+    assert one.held == {"m4"}
+    assert client.zscore(keys.LEASES, "m1") is None and client.zscore(keys.LEASES, "m4") is not None
+    assert client.hget(keys.deliveries("m1"), "done") == b"1" and client.hget(keys.deliveries("m1"), "owner") is None
+    # A finished message's copy begins with nothing left to do; its count was never charged.
+    again = Leases(client, "worker-2", 30, TTL).begin("m1", job_id, ["/d/a.png", "/d/b.png"])
+    assert again.state == "ok" and again.count == 0

@@ -3,14 +3,15 @@
 Celery's default strategy turns each message into a request run on a pool thread that makes its own Redis round
 trips and acknowledges itself, so a one-path message cost as much as a chunk (issue 9: 3-4 ms of round trips
 and a thread hand-off per message). Here the task's Strategy only hands each kombu message to ``Runner.put``
-(in the consumer's event loop, nothing else); a few group threads take whatever has arrived, up to a batch of
-images, and run it through ``Pipeline.process_group``: one round trip takes the leases, one marks them working,
-and one writes every record, ends the leases and acknowledges the messages. The promise is unchanged
-(docs/reliability.md): a message is acknowledged only in or after the round trip that writes its last record.
+(in the consumer's event loop, nothing else). A lease thread takes the leases of every delivery waiting, in one
+Lua call, as they arrive (``Pipeline.lease_group``); group threads take leased messages, up to a batch of images,
+and run them through ``Pipeline.work_group``: one Lua call marks them working, their images share batches, and
+one pipeline writes every record, ends the leases and acknowledges the messages. The promise is unchanged
+(docs/reliability.md): a message is acknowledged only after its records are written.
 
 Acknowledging happens on our own Redis client: the kombu message's delivery tag is removed from kombu's unacked
-hash and index in the group's last pipeline, then the channel's local bookkeeping is told (which frees the
-prefetch slot). A message given back is rejected with requeue through kombu as before.
+hash and index in the group's last pipeline, then the channel's local bookkeeping is told on its event loop
+(which frees the prefetch slot and wakes the loop). A message given back is rejected with requeue through kombu.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, WORK, GiveBack, 
 
 log = logging.getLogger(__name__)
 
-# Message ids become parts of Redis keys: what Celery and imgpipe send (uuids) and nothing surprising.
-MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}")
+# Message ids become parts of Redis keys: printable ASCII, no spaces, bounded (Celery and imgpipe send uuids).
+MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # Threads that run groups: one fills the batcher while another writes its records and a third takes leases.
 GROUP_THREADS = 3
 # Seconds a group waits for more deliveries while images are in work.
