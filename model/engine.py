@@ -119,10 +119,11 @@ class Engine:
             allow_hardlinks=bool(self.security.allow_hardlinks),
         )
         image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
-        return self.preset.to_tensor(image)
+        return self.preset.to_pixels(image)
 
     def predict(self, batch: torch.Tensor) -> list[TopK]:
-        """(B, C, H, W) preprocessed CPU batch -> top-k (label, probability) per image.
+        """(B, C, H, W) CPU batch -> top-k (label, probability) per image. uint8 pixels (``load_image``) are
+        normalised here, per batch (on the GPU after the transfer); a float batch is taken as normalised.
 
         A CUDA out-of-memory error splits the batch in halves and retries them (model/oom.py), down to single
         images, so a batch too big for the device still gets every prediction and no message is charged."""
@@ -139,12 +140,12 @@ class Engine:
     def _predict_rows(self, batch: torch.Tensor) -> list[TopK]:
         with torch.inference_mode():
             if self._cuda:
-                x = batch.pin_memory().to(self.device, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = batch.pin_memory().to(self.device, non_blocking=True)  # uint8: a quarter of the bytes
+                x = self._normalized(x).contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self._amp):
                     logits = self.module(x)  # (B, num_classes)
             else:
-                logits = self.module(batch)  # (B, num_classes)
+                logits = self.module(self._normalized(batch))  # (B, num_classes)
             probs = torch.softmax(logits.float(), dim=1)
             top_p, top_i = probs.topk(self.topk, dim=1)  # (B, k)
             values: list[list[float]] = top_p.cpu().tolist()
@@ -153,6 +154,9 @@ class Engine:
             [(self.labels[i], p) for i, p in zip(idx, val, strict=True)]
             for idx, val in zip(indices, values, strict=True)
         ]
+
+    def _normalized(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.preset.normalize(batch) if batch.dtype == torch.uint8 else batch
 
     def records_for(self, paths: Sequence[str], tensors: Sequence[torch.Tensor | ImageError]) -> list[Record]:
         """One record per path: errors as error records, the rest predicted as one batch."""
