@@ -564,9 +564,13 @@ def _number(value: float | None, digits: int) -> str:
 
 @contextmanager
 def busy_core() -> Iterator[None]:
-    """A CPU-bound process pinned to the last core this process may use, for the duration."""
+    """A CPU-bound process pinned to the last core this process may use, for the duration; it also stops by
+    itself when this process is gone (a bench killed mid-run must not leave a core busy)."""
     core = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    code = f"import os\ntry: os.sched_setaffinity(0, {{{core}}})\nexcept Exception: pass\nwhile True: pass"
+    code = (
+        f"import os\ntry: os.sched_setaffinity(0, {{{core}}})\nexcept Exception: pass\n"
+        f"while os.getppid() == {os.getpid()}:\n    for _ in range(1000000): pass"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         yield
