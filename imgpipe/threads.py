@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import MutableMapping
+import queue
+import time
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import TypeVar
 
 from imgpipe import defaults
+
+T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -103,3 +108,28 @@ def configure_openmp(environ: MutableMapping[str, str] | None = None) -> None:
     torch's runtime loads, so call this before torch is first imported (the ``imgpipe`` entry point does)."""
     env = os.environ if environ is None else environ
     env.setdefault("OMP_WAIT_POLICY", defaults.OMP_WAIT_POLICY)
+
+
+def take_more(
+    source: queue.SimpleQueue[T | None] | queue.Queue[T | None],
+    into: list[T],
+    full: Callable[[list[T]], bool],
+    deadline: float | None = None,
+) -> bool:
+    """Append to ``into`` what ``source`` holds until ``full(into)``: what is there now, and with a ``deadline``
+    (time.monotonic()) what arrives before it. Returns True when the stop sentinel (None) was taken."""
+    while not full(into):
+        left = 0.0 if deadline is None else deadline - time.monotonic()
+        try:
+            item = source.get(timeout=left) if left > 0 else source.get_nowait()
+        except queue.Empty:
+            return False
+        if item is None:
+            return True
+        into.append(item)
+    return False
+
+
+def at_least(count: int) -> Callable[[list[T]], bool]:
+    """``take_more``'s ``full`` for a number of items."""
+    return lambda items: len(items) >= count

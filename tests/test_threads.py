@@ -113,3 +113,25 @@ def test_batch_sizer_shrinks_on_an_overshoot_and_grows_back_slowly() -> None:
     assert shrunk < sizer.plan().size <= 256
     with pytest.raises(ValueError):
         BatchSizer(max_batch=0, max_wait_s=0, target_s=1)
+
+
+def test_take_more_takes_what_is_there_then_waits_only_until_its_deadline() -> None:
+    import queue
+    import time
+
+    from imgpipe.threads import at_least, take_more
+
+    source: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    for i in range(5):
+        source.put(i)
+    got = [99]
+    assert take_more(source, got, at_least(3)) is False and got == [99, 0, 1]  # stops once full
+    assert take_more(source, got, at_least(10)) is False and got == [99, 0, 1, 2, 3, 4]  # no deadline: no wait
+    started = time.monotonic()
+    assert take_more(source, got, at_least(10), time.monotonic() + 0.05) is False  # waited, nothing came
+    assert time.monotonic() - started >= 0.04 and len(got) == 6
+    source.put(7)
+    source.put(None)
+    source.put(8)
+    assert take_more(source, got, at_least(10)) is True and got[-1] == 7  # the sentinel stops it, not appended
+    assert source.get_nowait() == 8

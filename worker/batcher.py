@@ -24,6 +24,7 @@ from imgpipe.model.engine import Engine
 from imgpipe.model.preprocess import Preset
 from imgpipe.records import Record
 from imgpipe.settings import BatchSettings
+from imgpipe.threads import at_least, take_more
 from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
@@ -134,27 +135,11 @@ class Batcher:
             # Everything already decoded goes in, up to max_batch: a backlog is never held back by a smaller
             # plan (that would only make it grow). The plan says how long to wait for more, and for how many
             # (the latency target's lever, as in Triton's and BentoML's schedulers: the fill wait, not a cap).
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._ready.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+            stopping = take_more(self._ready, batch, at_least(self.max_batch))
             plan = self.sizer.plan() if self.sizer else Plan(self.max_batch, self.max_wait)  # throughput hook
-            deadline = time.monotonic() + plan.wait_s
-            while not stopping and len(batch) < plan.size:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = self._ready.get(timeout=remaining) if remaining > 0 else self._ready.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+            if not stopping:
+                deadline = time.monotonic() + plan.wait_s
+                stopping = take_more(self._ready, batch, at_least(plan.size), deadline)
             self._run(batch)
 
     def _run(self, batch: list[_Item]) -> None:

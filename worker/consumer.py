@@ -30,6 +30,7 @@ from typing import Any
 from kombu.transport import virtual
 
 from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
+from imgpipe.threads import at_least, take_more
 from imgpipe.worker import metrics
 from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, WORK, GiveBack, Item, Pipeline, Verdict, Work
 
@@ -174,15 +175,8 @@ class Runner:
                     self._leased.put(None)
                 return
             group = [first]
-            while len(group) < LEASE_MAX:
-                try:
-                    more = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._inbox.put(None)  # for the next turn
-                    break
-                group.append(more)
+            if take_more(self._inbox, group, at_least(LEASE_MAX)):
+                self._inbox.put(None)  # for the next turn
             try:
                 self._lease(group)
             except Exception:  # never lose the thread; the deliveries' leases bring them back
@@ -234,25 +228,16 @@ class Runner:
             if first is None:
                 return
             group = [first]
-            images = _images(first[1])
             # While images are in work, a group lingers a moment for more: its round trips then serve many
             # messages, and its images would wait for the batch in work anyway. An idle worker starts at once.
-            linger = time.monotonic() + LINGER_S if self.pipeline.gate.used > 0 else 0.0
-            stop = False
-            while images < self.group_images:
-                try:
-                    left = linger - time.monotonic()
-                    more = self._leased.get(timeout=left) if left > 0 else self._leased.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                group.append(more)
-                images += _images(more[1])
+            linger = time.monotonic() + LINGER_S if self.pipeline.gate.used > 0 else None
+            stop = take_more(self._leased, group, self._enough_images, linger)
             self._work(group)
             if stop:
                 return
+
+    def _enough_images(self, group: list[tuple[_Delivery, Work]]) -> bool:
+        return sum(_images(w) for _, w in group) >= self.group_images
 
     def _work(self, group: list[tuple[_Delivery, Work]]) -> None:
         raws = [d.raw for d, _ in group]
