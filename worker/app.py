@@ -50,8 +50,8 @@ def make_app(settings: Settings) -> Celery:
         # after a reconnect, which waits for requests to finish, would never be restored.
         worker_enable_prefetch_count_reduction=False,
         worker_disable_prefetch=False,
-        # Below the visibility timeout, so a live message is not redelivered. The threads pool does not
-        # enforce Celery's limits: the task gives a message back once `limit` has passed (worker/pipeline.py).
+        # Below the visibility timeout, so a live message is not redelivered. Celery does not enforce these
+        # here (no task runs on its pool): a group gives a message back once `limit` has passed (pipeline.py).
         task_soft_time_limit=limit,
         task_time_limit=limit + 1,
         worker_send_task_events=False,

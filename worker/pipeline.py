@@ -126,7 +126,7 @@ class WorkGate:
 
 
 class Pipeline:
-    """What a task runs; shared by all task threads of one worker process."""
+    """What the worker's lease and group threads run (worker/consumer.py); one per worker process."""
 
     def __init__(
         self,

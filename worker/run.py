@@ -22,7 +22,7 @@ log = logging.getLogger("imgpipe.worker")
 
 
 def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int | None = None) -> int:
-    """Load the model, start the batcher and run a Celery worker (threads pool) here until stopped."""
+    """Load the model, start the batcher and group threads and run a Celery consumer here until stopped."""
     from celery import signals
 
     from imgpipe import known_warnings
@@ -41,7 +41,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe.worker.store import ResultStore
     from imgpipe.worker.tasks import register
 
-    # Above the task threads plus the heartbeat, reconciler and consumer: no MaxConnectionsError in a Redis pause.
+    # Far above the lease, group and alone threads plus heartbeat, reconciler and consumer: no MaxConnectionsError.
     client = redis_client(settings.redis, max_connections=prefetch(settings) + 16)
     engine = Engine.load(
         settings.model.resolved_path(),
