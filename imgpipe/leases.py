@@ -79,17 +79,8 @@ end
 """
 )
 
-# KEYS: job, results, deliveries hash, leases zset. ARGV: message id, owner, lease ttl, job id, key ttl, paths...
-BEGIN_LUA = (
-    _BEGIN_ONE_LUA
-    + """
-return begin_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  {unpack(ARGV, 6)})
-"""
-)
-
 # Several messages at once. KEYS: leases zset. ARGV: owner, lease ttl, key ttl, then per message: message id,
-# job id, job key, results key, deliveries key, path count, paths... Returns one BEGIN_LUA reply per message.
+# job id, job key, results key, deliveries key, path count, paths... Returns one begin_one reply per message.
 BEGIN_MANY_LUA = (
     _BEGIN_ONE_LUA
     + """
@@ -204,7 +195,6 @@ class Leases:
         self.lease_ttl = lease_ttl
         self.key_ttl = key_ttl
         self.held: set[str] = set()  # message ids whose lease this process holds
-        self._begin = client.register_script(BEGIN_LUA)
         self._begin_many = client.register_script(BEGIN_MANY_LUA)
         self._finish_many = client.register_script(FINISH_MANY_LUA)
         self._working_many = client.register_script(WORKING_MANY_LUA)
@@ -279,26 +269,15 @@ class Leases:
             args=[message_id, self.owner, failure[:2000], time.time(), keys.deliveries(message_id)],
         )
 
-    def finish(self, message_id: str, job_id: str, pipe: Any = None) -> None:
+    def finish(self, message_id: str, job_id: str) -> None:
         """Every path of the message has a record: drop its lease and pending entry, mark it done for a while
-        (so that the reconciler can drop copies a dead worker left unacknowledged).
-
-        With ``pipe`` (a pipeline), the commands are only queued there: the caller executes it."""
-        self.held.discard(message_id)
-        key = keys.deliveries(message_id)
-        own = pipe is None
-        if own:
-            pipe = self.client.pipeline(transaction=False)
-        pipe.hdel(key, "owner", "state", "alone", "current", "culprit", "suspect", "count", "error")
-        pipe.hset(key, "done", "1")
-        pipe.expire(key, DONE_TTL_S)
-        pipe.zrem(keys.LEASES, message_id)
-        pipe.hdel(keys.job_pending(job_id), message_id)
-        if own:
-            pipe.execute()
+        (so that the reconciler can drop copies a dead worker left unacknowledged)."""
+        pipe = self.client.pipeline(transaction=False)
+        self.finish_many(pipe, [(message_id, job_id)])
+        pipe.execute()
 
     def finish_many(self, pipe: Any, messages: Sequence[tuple[str, str]]) -> None:
-        """``finish`` for several messages (message id, job id), queued on ``pipe`` as one Lua call."""
+        """``finish`` for several messages (message id, job id), queued on ``pipe`` (one FINISH_MANY_LUA call)."""
         args: list[Any] = [DONE_TTL_S]
         for message_id, job_id in messages:
             self.held.discard(message_id)

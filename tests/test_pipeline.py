@@ -17,17 +17,7 @@ from imgpipe.procs import wait_until
 from imgpipe.records import read_records
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
-from tests.workers import Workers, histogram, scrape, wait_for_job
-
-
-def _workers(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:
-    return Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(roots), **env))
-
-
-def _enqueue(redis_url: str, *args: str) -> str:
-    result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+from tests.workers import enqueue_cli, histogram, scrape, wait_for_job, workers_for
 
 
 def _exactly_once(client: redis.Redis, job_id: str, expected: set[str]) -> dict[str, dict[str, object]]:
@@ -43,7 +33,7 @@ def test_a_nested_folder_gets_one_record_per_image_with_the_labels_of_classify(
 ) -> None:
     images = {str(p) for p in demo_data.rglob("*.png")}
     assert len(images) >= 500
-    with _workers(tmp_path, redis_url, demo_data) as workers:
+    with workers_for(tmp_path, redis_url, demo_data) as workers:
         workers.start()
         result = run_cli("enqueue", str(demo_data), "--wait", env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=180)
         assert result.returncode == 0, result.stderr + workers.logs()
@@ -78,11 +68,11 @@ def test_two_workers_at_once_lose_and_repeat_no_image(tmp_path: Path, redis_url:
     data = tmp_path / "data"
     images = {str(p) for p in write_good(data / "x", 200) + write_good(data / "y" / "z", 100, start=200)}
     # Small prefetch and batches, so that neither worker takes the whole queue at once.
-    with _workers(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
+    with workers_for(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
         first, second = workers.start(ready=False), workers.start(ready=False)
         first.wait_ready()
         second.wait_ready()
-        job_id = _enqueue(redis_url, str(data), "--chunk-size", "4")
+        job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "4")
         job = wait_for_job(client, job_id, timeout=120, workers=workers)
         assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (300, 300, 0)
         records = _exactly_once(client, job_id, images)
@@ -97,9 +87,9 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
     data = tmp_path / "data"
     images = {str(p) for p in write_good(data / "a", 300) + write_good(data / "b" / "c", 300, start=300)}
     env = {"IMGPIPE_VISIBILITY_TIMEOUT": "3", "IMGPIPE_PREFETCH": "6", "IMGPIPE_MAX_BATCH": "8"}
-    with _workers(tmp_path, redis_url, data, **env) as workers:
+    with workers_for(tmp_path, redis_url, data, **env) as workers:
         doomed = workers.start()
-        job_id = _enqueue(redis_url, str(data), "--chunk-size", "8")
+        job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "8")
         wait_until(
             lambda: sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40,
             60,
@@ -127,9 +117,9 @@ def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
     data = tmp_path / "data"
     images = {str(p) for p in write_good(data, 120)}
     port = free_port()
-    with _workers(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
+    with workers_for(tmp_path, redis_url, data, IMGPIPE_PREFETCH="4", IMGPIPE_MAX_BATCH="8") as workers:
         supervisor = workers.start("--concurrency", "2", "--device", "cpu", "--metrics-port", str(port), processes=2)
-        job_id = _enqueue(redis_url, str(data), "--chunk-size", "4")
+        job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "4")
         wait_for_job(client, job_id, timeout=120, workers=workers)
         _exactly_once(client, job_id, images)
         text = scrape(port)
@@ -147,7 +137,7 @@ def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
         os.kill(int(children[0]), signal.SIGKILL)
         supervisor.wait_ready(processes=3)
         assert "starting another" in supervisor.log()
-        again = _enqueue(redis_url, str(data / "img00000.png"))
+        again = enqueue_cli(redis_url, str(data / "img00000.png"))
         wait_for_job(client, again, timeout=60, workers=workers)
         code = supervisor.stop()
     assert code == 0, workers.logs()

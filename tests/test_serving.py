@@ -21,7 +21,7 @@ from imgpipe.settings import BatchSettings, SecuritySettings
 from imgpipe.worker.batcher import Batcher
 from tests.conftest import cli_env, free_port, run_cli
 from tests.images import write_good
-from tests.workers import Workers, assert_exactly_once, scrape, wait_for_job
+from tests.workers import assert_exactly_once, enqueue_cli, scrape, wait_for_job, workers_for
 
 
 class FakeOOMModule(torch.nn.Module):
@@ -86,16 +86,6 @@ def variant(source: Path, out: Path, name: str, nudge: float) -> str:
     return written.model_id
 
 
-def _workers(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:
-    return Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(roots), **env))
-
-
-def _enqueue(redis_url: str, *args: str) -> str:
-    result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 @pytest.mark.timeout(240)
 def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
     tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
@@ -108,10 +98,10 @@ def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
     assert old_id != new_id and old_id.split("@")[1] != new_id.split("@")[1]
     port = free_port()
     env = {"IMGPIPE_MODEL": str(served), "IMGPIPE_MAX_BATCH": "1", "IMGPIPE_PREFETCH": "1"}
-    with _workers(tmp_path, redis_url, data, **env) as workers:
+    with workers_for(tmp_path, redis_url, data, **env) as workers:
         worker = workers.start("--device", "cpu", "--metrics-port", str(port))
         assert f'imgpipe_model_info{{name="alpha",sha="{old_id[-12:]}"}} 1.0' in scrape(port)
-        job_id = _enqueue(redis_url, str(data), "--chunk-size", "1")
+        job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "1")
         wait_until(lambda: client.hlen(keys.job_results(job_id)) >= 40, 120, "40 records")
         os.replace(tmp_path / "models" / "next.pt", served)  # a new version, complete at once
         os.kill(worker.pid, signal.SIGHUP)
@@ -134,7 +124,7 @@ def test_sighup_reloads_the_model_mid_job_losing_and_doubling_nothing(
         served.write_bytes(served.read_bytes()[:1000])
         os.kill(worker.pid, signal.SIGHUP)
         wait_until(lambda: "model reload refused" in worker.log(), 60, "the refusal")
-        again = _enqueue(redis_url, str(data / "img00000.png"), "--model", new_id)  # re-subscribed: beta's queue
+        again = enqueue_cli(redis_url, str(data / "img00000.png"), "--model", new_id)  # re-subscribed: beta's queue
         wait_for_job(client, again, timeout=60, workers=workers)
         assert {r["model"] for r in iter_records(client, again)} == {new_id}
         worker.check_alive()
@@ -159,13 +149,13 @@ def test_two_workers_two_models_pinned_jobs_get_their_model_and_status_names_an_
         "enqueue", str(folders["a"]), "--model", gamma, "--job", "for-gamma", env=cli_env(IMGPIPE_REDIS_URL=redis_url)
     )
     assert result.returncode == 0 and f"no live worker serves {gamma}" in result.stderr, result.stderr
-    with _workers(tmp_path, redis_url, tmp_path, IMGPIPE_MAX_BATCH="8") as workers:
+    with workers_for(tmp_path, redis_url, tmp_path, IMGPIPE_MAX_BATCH="8") as workers:
         workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "alpha.pt"))
         workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "beta.pt"))
         jobs = {
-            "a": _enqueue(redis_url, str(folders["a"]), "--chunk-size", "4", "--model", alpha),
-            "b": _enqueue(redis_url, str(folders["b"]), "--chunk-size", "4", "--model", beta),
-            "any": _enqueue(redis_url, str(folders["any"]), "--chunk-size", "4"),
+            "a": enqueue_cli(redis_url, str(folders["a"]), "--chunk-size", "4", "--model", alpha),
+            "b": enqueue_cli(redis_url, str(folders["b"]), "--chunk-size", "4", "--model", beta),
+            "any": enqueue_cli(redis_url, str(folders["any"]), "--chunk-size", "4"),
         }
         for job_id in jobs.values():
             wait_for_job(client, job_id, timeout=120, workers=workers)
@@ -206,7 +196,7 @@ def test_a_pinned_message_in_the_wrong_queue_is_sent_to_its_model_queue_not_proc
         e.add(sorted(images))
     seal_job(client, job_id)
     beta_queue = keys.model_queue(beta[-12:])
-    with _workers(tmp_path, redis_url, data) as workers:
+    with workers_for(tmp_path, redis_url, data) as workers:
         first = workers.start("--device", "cpu", IMGPIPE_MODEL=str(tmp_path / "alpha.pt"))
         wait_until(lambda: client.llen(beta_queue) == 6, 60, "the 6 messages moved to beta's queue")
         assert client.hlen(keys.job_results(job_id)) == 0, "a worker serving alpha must not process them"
@@ -237,7 +227,7 @@ def test_with_imgpipe_reload_a_replaced_model_file_is_loaded_without_a_signal(
 ) -> None:
     served = tmp_path / "models" / "served.pt"
     old_id = variant(default_model, served, "alpha", 0.0)
-    with _workers(tmp_path, redis_url, tmp_path, IMGPIPE_MODEL=str(served), IMGPIPE_RELOAD="1") as workers:
+    with workers_for(tmp_path, redis_url, tmp_path, IMGPIPE_MODEL=str(served), IMGPIPE_RELOAD="1") as workers:
         worker = workers.start("--device", "cpu")
         assert [w.model for w in live_workers(client)] == [old_id]
         new_id = variant(default_model, served, "beta", 1e-3)  # export writes a .tmp and renames it

@@ -11,7 +11,7 @@ import redis
 
 from imgpipe import keys
 from imgpipe.procs import WorkerProcess, wait_until
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env, run_cli
 
 
 class Workers:
@@ -224,3 +224,15 @@ class AofRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def workers_for(tmp_path: Path, redis_url: str, roots: Path, **env: str) -> Workers:
+    """Workers on ``redis_url`` allowed to read beneath ``roots``, with ``env`` on top."""
+    return Workers(tmp_path, cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(roots), **env))
+
+
+def enqueue_cli(redis_url: str, *args: str) -> str:
+    """`imgpipe enqueue ARGS` on ``redis_url``; the job id it prints."""
+    result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

@@ -55,8 +55,9 @@ class _Delivery:
     item: Item | None = None
 
 
-def parse_delivery(raw: Any, limits: Limits) -> Item:
-    """The validated message of a kombu delivery (Celery task protocol 2); raises Refused."""
+def parse_delivery(raw: Any, limits: Limits, received: float) -> Item:
+    """The validated message of a kombu delivery (Celery task protocol 2) received at ``received``
+    (time.monotonic()); raises Refused."""
     headers = raw.headers if isinstance(raw.headers, dict) else {}
     message_id = headers.get("id")
     if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
@@ -70,7 +71,7 @@ def parse_delivery(raw: Any, limits: Limits) -> Item:
     args, kwargs, _embed = body
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise Refused("schema", "expected a Celery protocol 2 body [args, kwargs, embed]")
-    return Item(message_id, parse(args, kwargs, headers.get(VERSION_HEADER), limits), 0.0)
+    return Item(message_id, parse(args, kwargs, headers.get(VERSION_HEADER), limits), received)
 
 
 def queue_acks(pipe: Any, raws: Sequence[Any]) -> None:
@@ -252,12 +253,10 @@ class Runner:
 
     def _parse(self, delivery: _Delivery) -> None:
         try:
-            item = parse_delivery(delivery.raw, self.limits)
+            delivery.item = parse_delivery(delivery.raw, self.limits, delivery.received)
         except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
             metrics.REFUSED.labels(reason=exc.reason).inc()
             log.error("a message was refused (%s): %s; dropped", exc.reason, exc.detail)
-            return
-        delivery.item = Item(item.message_id, item.message, delivery.received)
 
     def _on_loop(self, callback: Any, *args: Any) -> None:
         """Run ``callback`` on the consumer's event loop and wake it (it may be waiting with every prefetch
