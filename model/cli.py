@@ -30,6 +30,7 @@ def load_engine(settings: Settings) -> Any:
         topk=settings.model.topk,
         security=settings.security,
         torch_threads=settings.batch.torch_threads,
+        lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
     )
 
 
@@ -234,9 +235,7 @@ def evaluate(model_path: Path, data: Path, prefix: Path | None, **overrides: Any
     index = {label: i for i, label in enumerate(engine.labels)}
     paths = [p for c in classes for p in scan(root / c)]
     targets, predictions, failed = [], [], 0
-    for record in engine.classify(
-        paths, batch_size=settings.batch.max_batch, decode_threads=settings.batch.decode_threads
-    ):
+    for record in engine.classify(paths, batch_size=settings.batch.max_batch, lanes=settings.batch.decode_threads):
         if record["status"] != "ok":
             failed += 1
             continue
@@ -303,7 +302,7 @@ def classify(
     with bar, output_file(output) as stream:
         writer = RecordWriter(stream, fmt)
         for record in engine.classify(
-            inputs, batch_size=batch, decode_threads=settings.batch.decode_threads, on_batch=bar.update
+            inputs, batch_size=batch, lanes=settings.batch.decode_threads, on_batch=bar.update
         ):
             writer.write(record)
             stats.add(record)

@@ -78,11 +78,13 @@ class Engine:
         topk: int = 3,
         security: SecuritySettings | None = None,
         torch_threads: int = 0,
+        lanes: int = 0,
     ) -> Engine:
         """Load a model file for ``device``; sets this process's torch intra-op threads to ``torch_threads``
-        (0: chosen for the device from the cores available, imgpipe/threads.py)."""
+        (0: chosen for the device from the cores available and the ``lanes``, the threads that will run batches
+        at once: ``classify``'s lanes; 0 for one batch thread beside decode threads, imgpipe/threads.py)."""
         dev = select_device(device)
-        torch.set_num_threads(torch_threads or threads.torch_threads(dev.type))
+        torch.set_num_threads(torch_threads or threads.torch_threads(dev.type, lanes=lanes))
         module, metadata = modelfile.load(Path(path), dev)
         return cls(module, metadata, dev, topk=topk, security=security)
 
@@ -185,34 +187,36 @@ class Engine:
         self,
         paths: Iterable[str],
         batch_size: int = 64,
-        decode_threads: int = 0,
+        lanes: int = 0,
         on_batch: Callable[[int], None] | None = None,
     ) -> Iterator[Record]:
-        """Records for ``paths`` in input order; the next batch decodes while the current one runs.
+        """Records for ``paths`` in input order.
 
-        Each batch is decoded as ``decode_threads`` slices (one pool task per slice, not per image), and
-        the following batch is already submitted when the current one goes through the network.
+        ``lanes`` threads (0: one per core, imgpipe/threads.py) each take a whole batch, decode it and run it
+        through the model. While one lane's batch is in the model (torch releases the GIL) the others decode or
+        run theirs, so every core stays busy with no hand-off between stages: on the CPU each batch runs with
+        the intra-op threads ``Engine.load`` chose for that many lanes (one each when lanes = cores). One batch
+        more than the lanes is in hand, so a lane never waits for the caller to take records.
         """
-        decode_threads = decode_threads or threads.decode_threads()
+        lanes = lanes or threads.decode_threads()
         source = (os.path.abspath(p) for p in paths)
-        pending: deque[tuple[list[str], list[Future[list[torch.Tensor | ImageError]]]]] = deque()
-        with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="imgpipe-decode") as pool:
+        pending: deque[tuple[int, Future[list[Record]]]] = deque()
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="imgpipe-lane") as pool:
 
             def submit_next() -> None:
                 batch = list(itertools.islice(source, batch_size))
                 if batch:
-                    step = -(-len(batch) // decode_threads)  # ceil: one slice per thread
-                    slices = [batch[i : i + step] for i in range(0, len(batch), step)]
-                    pending.append((batch, [pool.submit(self._decode_slice, s) for s in slices]))
+                    pending.append((len(batch), pool.submit(self._run_batch, batch)))
 
-            submit_next()
+            for _ in range(lanes + 1):
+                submit_next()
             while pending:
-                submit_next()  # the next batch decodes while this one is predicted
-                batch, futures = pending.popleft()
-                tensors = [item for future in futures for item in future.result()]
-                yield from self.records_for(batch, tensors)
+                size, future = pending.popleft()
+                records = future.result()
+                submit_next()
+                yield from records
                 if on_batch is not None:
-                    on_batch(len(batch))
+                    on_batch(size)
 
-    def _decode_slice(self, paths: Sequence[str]) -> list[torch.Tensor | ImageError]:
-        return [self.safe_load_image(p) for p in paths]
+    def _run_batch(self, paths: Sequence[str]) -> list[Record]:
+        return self.records_for(paths, [self.safe_load_image(p) for p in paths])

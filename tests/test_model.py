@@ -204,7 +204,7 @@ def test_engine_classifies_good_files_and_reports_each_bad_one(tmp_path: Path, d
     inputs = (
         [str(p) for p in good[:5]] + [str(p) for p in bad.values()] + [str(bomb), str(big)] + [str(p) for p in good[5:]]
     )
-    records = list(engine.classify(inputs, batch_size=4, decode_threads=3))
+    records = list(engine.classify(inputs, batch_size=4, lanes=3))
     assert [r["path"] for r in records] == inputs  # one record per input, in order
     by_path = {r["path"]: r for r in records}
     for path in good:

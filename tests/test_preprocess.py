@@ -198,7 +198,7 @@ def test_demo_digits_saved_as_16bit_png_keep_the_accuracy_of_the_8bit_ones(
     engine = Engine.load(default_model, "cpu")
 
     def accuracy(paths: list[str], root: Path) -> tuple[float, list[str]]:
-        records = list(engine.classify(paths, batch_size=64, decode_threads=2))
+        records = list(engine.classify(paths, batch_size=64, lanes=2))
         labels = [str(r.get("label")) for r in records]
         truth = [Path(p).relative_to(root).parts[0] for p in paths]
         assert all(r["status"] == "ok" for r in records)

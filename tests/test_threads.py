@@ -56,6 +56,10 @@ def test_thread_counts_leave_room_for_decoding_and_honour_settings() -> None:
     assert threads.torch_threads("cpu", cpus=2) == 1  # the other core decodes the next batch
     assert threads.torch_threads("cpu", cpus=16) == 8
     assert threads.torch_threads("cuda", cpus=16) == 1  # host threads only launch kernels
+    # Lanes (Engine.classify: each decodes and runs its own batches) share the cores, never oversubscribe them.
+    assert threads.torch_threads("cpu", cpus=2, lanes=2) == 1 and threads.torch_threads("cpu", cpus=16, lanes=16) == 1
+    assert threads.torch_threads("cpu", cpus=64, lanes=16) == 4 and threads.torch_threads("cpu", cpus=2, lanes=4) == 1
+    assert threads.torch_threads("cuda", cpus=16, lanes=16) == 1
     assert threads.decode_threads(cpus=2) == 2 and threads.decode_threads(cpus=1000) == 16
     assert BatchSettings().decode_threads == threads.decode_threads()  # 0 (the default) means "from the cores"
     env = {"IMGPIPE_DECODE_THREADS": "3", "IMGPIPE_TORCH_THREADS": "5", "IMGPIPE_MAX_LATENCY_MS": "200"}

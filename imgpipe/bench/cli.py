@@ -49,13 +49,14 @@ PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
 LATENCY_METRIC, BATCH_METRIC = "imgpipe_image_latency_seconds", "imgpipe_batch_size"
 WHAT = {
-    "inprocess": "`imgpipe classify` path: scan, decode threads, batched inference, JSONL records",
+    "inprocess": "`imgpipe classify` path: scan, lanes that decode and infer whole batches, JSONL records",
     "dataloader": "peer: plain DataLoader script, same model and preprocessing (best of num_workers 0, 2)",
     "naive": "one Celery task per image, no batching (imgpipe worker, IMGPIPE_MAX_BATCH=1, 1 path/message)",
     "pipeline": "`imgpipe enqueue --wait` path: chunks of --chunk-size paths into warm workers",
     "stream": "the same images one path per message, as a third-party producer sends them",
     "watch": "files moved into a folder `imgpipe watch` streams, first landing to last record",
-    "compute": "ceiling: the model alone on pre-decoded batches (Engine.predict; AMP, channels_last, pinned on CUDA)",
+    "compute": "ceiling: the model alone on pre-decoded batches, from as many threads as lanes (Engine.predict; "
+    "AMP, channels_last, pinned on CUDA)",
     "decode": "ceiling: read + decode + preprocess alone, on the engine's decode threads",
 }
 LATENCY_SETS = ("fixed", "adaptive")
@@ -195,7 +196,7 @@ def bench(
             "device": device,
             "contention": contention,
             "decode_threads": options.decode_threads,
-            "torch_threads_cpu": options.torch_threads or threads.torch_threads("cpu", cpus),
+            "torch_threads_cpu": options.torch_threads or threads.torch_threads("cpu", cpus, options.decode_threads),
         },
         "settings": {
             "rounds": rounds,
@@ -439,7 +440,7 @@ def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float
     from imgpipe.model.engine import Engine
     from imgpipe.records import RecordWriter
 
-    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads)
+    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads, lanes=o.decode_threads)
     out = tmp / workload.name / "inprocess.jsonl"
 
     def run() -> float:
@@ -448,7 +449,7 @@ def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float
             writer = RecordWriter(stream, "jsonl")
             count = 0
             inputs = list(expand_paths((str(workload.images),)))
-            for record in engine.classify(inputs, batch_size=o.batch_size, decode_threads=o.decode_threads):
+            for record in engine.classify(inputs, batch_size=o.batch_size, lanes=o.decode_threads):
                 writer.write(record)
                 count += record["status"] == "ok"
         if count != workload.count:
@@ -461,7 +462,8 @@ def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float
 
 def _ceilings(workload: Workload, o: _Options) -> tuple[Callable[[], float], Callable[[], float]]:
     """Runners for the two ceilings of the in-process engine: inference alone on batches decoded beforehand
-    (the inputs cycle over the first batch_size images), and decoding alone on the engine's decode threads."""
+    (the inputs cycle over the first batch_size images), from as many threads at once as ``classify`` has
+    lanes, and decoding alone on that many threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -469,15 +471,16 @@ def _ceilings(workload: Workload, o: _Options) -> tuple[Callable[[], float], Cal
     from imgpipe.model.engine import Engine
     from imgpipe.model.preprocess import stack
 
-    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads)
+    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads, lanes=o.decode_threads)
     paths = sorted(str(p) for p in workload.images.iterdir())
     batch = stack([engine.load_image(p) for p in paths[: o.batch_size]])  # (B, C, H, W), decoded once
     batches = -(-workload.count // o.batch_size)
 
     def compute() -> float:
         start = time.perf_counter()
-        for _ in range(batches):
-            engine.predict(batch)
+        with ThreadPoolExecutor(max_workers=o.decode_threads) as pool:
+            for _ in pool.map(lambda _i: engine.predict(batch), range(batches)):
+                pass
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         return batches * batch.shape[0] / (time.perf_counter() - start)
