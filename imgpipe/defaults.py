@@ -23,9 +23,8 @@ MAX_PIXELS = 64 * 1024 * 1024
 VISIBILITY_TIMEOUT = 3600
 # Deliveries of one message before it is dead-lettered and its images reported failed.
 MAX_DELIVERIES = 3
-# Messages one worker process holds at once, per image of its batch: 2 lets one batch fill while one runs,
-# even when every message carries a single image (`imgpipe watch`).
-PREFETCH_PER_BATCH_IMAGE = 2
+# Messages one worker process holds at once: (lanes + 1) x max batch, so a group fills while every lane (decode
+# thread) runs one, even when each message carries a single image (`imgpipe watch`; worker/app.py).
 # Fraction of the visibility timeout a message may take before the worker gives it back (task time limit).
 TASK_TIME_LIMIT_FRACTION = 0.8
 # Seconds a new file's size must stay unchanged before `imgpipe watch` sends it (when no close event says so).
@@ -82,8 +81,8 @@ LEASE_TTL_S = 15
 RECONCILE_S = 2.0
 # Seconds a message may stay unleased behind the queue's oldest message before it is taken for lost.
 LOST_GRACE_S = 10.0
-# Images in decode and inference at once per worker process, per image of its batch (the rest wait, leased).
-WORK_IMAGES_PER_BATCH_IMAGE = 2
+# Images in decode and inference at once per worker process: one batch per lane (decode thread); the rest wait,
+# leased (worker/app.py).
 # Seconds a consumer that stopped on an error waits before the worker starts it again.
 CONSUMER_RESTART_S = 2.0
 # 1: a worker reloads its model when the model file is replaced (IMGPIPE_RELOAD); SIGHUP reloads either way.

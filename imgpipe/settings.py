@@ -83,10 +83,10 @@ class ExporterSettings:
 class WorkerSettings:
     concurrency: int | None = None  # None: one process per GPU, or one per CPU host
     max_deliveries: int = defaults.MAX_DELIVERIES
-    prefetch: int | None = None  # messages held per process; None: PREFETCH_PER_BATCH_IMAGE x max_batch
+    prefetch: int | None = None  # messages held per process; None: (decode threads + 1) x max batch
     health_dir: Path | None = None  # None: <temp dir>/imgpipe-health-<uid> (see imgpipe/health.py)
     lease_ttl: int = defaults.LEASE_TTL_S  # seconds a message's lease lives without renewal
-    work_images: int | None = None  # images in decode/inference at once; None: 2 x max batch
+    work_images: int | None = None  # images in decode/inference at once; None: decode threads x max batch
     max_message_paths: int = defaults.MAX_MESSAGE_PATHS
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     reload: int = defaults.RELOAD  # 1: reload the model when its file is replaced (docs/models.md)
@@ -172,7 +172,7 @@ VARS: tuple[Var, ...] = (
         "worker",
         "prefetch",
         "optional_int",
-        "messages one worker process holds (default: 2 x max batch)",
+        "messages one worker process holds (default: (decode threads + 1) x max batch)",
         1,
     ),
     Var(
@@ -199,7 +199,7 @@ VARS: tuple[Var, ...] = (
         "worker",
         "work_images",
         "optional_int",
-        "images in decode and inference at once per process (default: 2 x max batch)",
+        "images in decode and inference at once per process (default: decode threads x max batch)",
         1,
     ),
     Var("MAX_MESSAGE_PATHS", "worker", "max_message_paths", "int", "larger messages are refused", 1),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,14 +49,15 @@ def test_device_plan_with_gpus_is_one_process_per_gpu() -> None:
 
 def test_celery_is_configured_for_late_acks_json_only_and_limits_below_the_visibility_timeout() -> None:
     settings = Settings(
-        redis=RedisSettings(url="redis://:pw@host:6379/2", visibility_timeout=600), batch=BatchSettings(max_batch=32)
+        redis=RedisSettings(url="redis://:pw@host:6379/2", visibility_timeout=600),
+        batch=BatchSettings(max_batch=32, decode_threads=2),
     )
     conf = make_app(settings).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     # The pool runs nothing (deliveries go to the group threads); kombu's prefetch count is 1 x the multiplier.
     assert conf.worker_pool == "threads" and conf.worker_concurrency == 1
-    assert conf.worker_prefetch_multiplier == prefetch(settings) == 64
+    assert conf.worker_prefetch_multiplier == prefetch(settings) == 96  # a batch per lane and one filling
     assert not conf.worker_enable_prefetch_count_reduction
     assert conf.broker_transport_options["visibility_timeout"] == 600
     assert conf.task_soft_time_limit == task_time_limit(settings.redis) < conf.task_time_limit < 600
@@ -76,27 +79,35 @@ def test_rediss_urls_verify_certificates_unless_told_otherwise() -> None:
     assert celery_config(RedisSettings(url="rediss://h/0"))["broker_use_ssl"] is not None
 
 
-def test_the_batcher_fills_one_batch_from_several_messages(tmp_path: Path, default_model: Path) -> None:
+def test_the_batcher_runs_one_batch_for_several_messages_on_any_number_of_lanes(
+    tmp_path: Path, default_model: Path
+) -> None:
     engine = Engine.load(default_model, "cpu", security=SecuritySettings(allowed_roots=(tmp_path,)))
     good = [str(p) for p in write_good(tmp_path / "good", 15)]
     bad = write_bad(tmp_path / "bad")
     batches_before = metrics.BATCH_SIZE.collect()[0].samples
     count_before = next(s.value for s in batches_before if s.name.endswith("_count"))
-    batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2)).start()
-    try:
-        # Three "messages" of five images each, plus a bad file, arrive within the wait: one batch of 15.
-        futures = [batcher.submit(good[i : i + 5], source=f"m{i}") for i in range(0, 15, 5)]
-        failed = batcher.submit([str(bad["corrupt"])], source="m-bad")
-        records = [f.result(timeout=30) for group in futures for f in group]
-        error = failed[0].result(timeout=30)
-    finally:
-        batcher.close()
-    assert [r["path"] for r in records] == good and all(r["status"] == "ok" for r in records)
-    assert records == engine.records_for(good, [engine.load_image(p) for p in good])  # same as one batch
-    assert error["status"] == "error" and error["reason"] == "decode"
+    batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2))
+    # A group of three "messages" of five images each plus a bad file: one batch of the 15 good images.
+    paths = [*good, str(bad["corrupt"])]
+    records = batcher.run(paths, [time.monotonic()] * len(paths))
+    assert [r["path"] for r in records] == paths
+    assert records[:15] == engine.records_for(good, [engine.load_image(p) for p in good])  # same as one batch
+    assert records[15]["status"] == "error" and records[15]["reason"] == "decode"
     samples = metrics.BATCH_SIZE.collect()[0].samples
     count_after = next(s.value for s in samples if s.name.endswith("_count"))
     assert count_after - count_before == 1, "the 15 images should form one batch"
+    # Lanes: several threads run their own groups at once, in batches of max_batch, each in input order.
+    small = Batcher(engine, BatchSettings(max_batch=4, decode_threads=3))
+    groups = [good[i::3] for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda g: small.run(g, [time.monotonic()] * len(g)), groups))
+    for group, got in zip(groups, results, strict=True):
+        want = engine.records_for(group, [engine.load_image(p) for p in group])
+        assert [r["label"] for r in got] == [r["label"] for r in want]
+    assert small.health()["busy"] == 0 and small.health()["progress"] > 0
+    # Past the deadline no image starts: what was done comes back, for the message to be given back as too slow.
+    assert small.run(good, [time.monotonic()] * len(good), deadline=time.monotonic() - 1) == []
 
 
 def test_one_device_parser_for_every_host_shape() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,9 @@ def test_fake_cuda_oom_splits_the_batch_and_charges_no_message(tmp_path: Path, d
     expected = engine.records_for(good, [engine.load_image(p) for p in good])
     fake = FakeOOMModule(engine.module, fits=3)
     engine.module = fake  # type: ignore[assignment]
-    batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2)).start()
-    try:
-        futures = [batcher.submit(good[i : i + 5], source=f"m{i}") for i in range(0, 13, 5)]
-        # A batch that failed would set its exception on every future: that is what charges a message.
-        assert all(f.exception(timeout=60) is None for group in futures for f in group)
-        records = [f.result() for group in futures for f in group]
-    finally:
-        batcher.close()
+    batcher = Batcher(engine, BatchSettings(max_batch=64, max_wait_ms=500, decode_threads=2))
+    # A batch that failed would raise here: that is what charges a message.
+    records = batcher.run(good, [time.monotonic()] * len(good))
     assert max(fake.sizes) > 3, "the batch should have met the fake OOM"
     assert all(r["status"] == "ok" for r in records) and [r["path"] for r in records] == good
     for got, want in zip(records, expected, strict=True):  # same labels as the unsplit batch

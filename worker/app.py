@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from celery import Celery
 
-from imgpipe import defaults
 from imgpipe.broker import make_celery, task_time_limit
 from imgpipe.settings import Settings
 
@@ -12,19 +11,20 @@ from imgpipe.settings import Settings
 def prefetch(settings: Settings) -> int:
     """Messages one worker process holds at once.
 
-    Enough one-image messages to fill a batch while the previous one runs; messages of many paths need fewer,
-    but holding more costs only their path strings (decoded images are bounded by the batcher).
+    Enough one-image messages for a batch in every lane (decode thread, worker/batcher.py) and one more group
+    filling; messages of many paths need fewer, but holding more costs only their path strings (decoded images
+    are bounded by the work gate).
     """
     if settings.worker.prefetch is not None:
         return settings.worker.prefetch
-    return max(2, defaults.PREFETCH_PER_BATCH_IMAGE * settings.batch.max_batch)
+    return max(2, (settings.batch.decode_threads + 1) * settings.batch.max_batch)
 
 
 def work_images(settings: Settings) -> int:
-    """Images in decode and inference at once per process (the work gate, worker/pipeline.py)."""
+    """Images in decode and inference at once per process (the work gate, worker/pipeline.py): a batch per lane."""
     if settings.worker.work_images is not None:
         return settings.worker.work_images
-    return max(1, defaults.WORK_IMAGES_PER_BATCH_IMAGE * settings.batch.max_batch)
+    return max(1, settings.batch.decode_threads * settings.batch.max_batch)
 
 
 def make_app(settings: Settings) -> Celery:

@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 
 # Message ids become parts of Redis keys: printable ASCII, no spaces, bounded (Celery and imgpipe send uuids).
 MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,200}")
-# Threads that run groups: one fills the batcher while another writes its records and a third takes leases.
+# Threads that run groups (lanes, worker/batcher.py) when not given: one more than the decode threads, so one
+# group forms (or writes its records) while the others decode and predict.
 GROUP_THREADS = 3
-# Seconds a group waits for more deliveries while images are in work.
-LINGER_S = 0.005
 # Most deliveries leased in one Lua call.
 LEASE_MAX = 256
 # Threads for messages that must run alone (suspects; few at a time by nature).
@@ -116,7 +115,8 @@ def ack(raw: Any) -> None:
 
 class Runner:
     """Between Celery's consumer and the pipeline (one per worker process): a lease thread takes the leases of
-    deliveries as they arrive, and group threads run the leased messages through the batcher in groups."""
+    deliveries as they arrive, and group threads run the leased messages in groups: each group's images
+    decoded and predicted on its own thread (worker/batcher.py)."""
 
     def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int = GROUP_THREADS) -> None:
         self.pipeline = pipeline
@@ -229,16 +229,20 @@ class Runner:
             if first is None:
                 return
             group = [first]
-            # While images are in work, a group lingers a moment for more: its round trips then serve many
-            # messages, and its images would wait for the batch in work anyway. An idle worker starts at once.
-            linger = time.monotonic() + LINGER_S if self.pipeline.gate.used > 0 else None
-            stop = take_more(self._leased, group, self._enough_images, linger)
+            # What is leased already goes in, up to a full batch: a backlog is never held back by a smaller plan.
+            stop = take_more(self._leased, group, self._enough(self.group_images))
+            if not stop and self.pipeline.gate.used > 0:
+                # While other lanes are busy the group waits to fill, as the plan says (IMGPIPE_MAX_WAIT_MS, or
+                # the latency target's size and wait): its images would wait for a free core anyway, and its
+                # round trips then serve many messages. An idle worker starts at once.
+                plan = self.pipeline.batcher.plan()
+                stop = take_more(self._leased, group, self._enough(plan.size), time.monotonic() + plan.wait_s)
             self._work(group)
             if stop:
                 return
 
-    def _enough_images(self, group: list[tuple[_Delivery, Work]]) -> bool:
-        return sum(_images(w) for _, w in group) >= self.group_images
+    def _enough(self, images: int) -> Any:
+        return lambda group: sum(_images(w) for _, w in group) >= images
 
     def _work(self, group: list[tuple[_Delivery, Work]]) -> None:
         raws = [d.raw for d, _ in group]

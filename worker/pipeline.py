@@ -8,7 +8,6 @@ worker died or its batch failed; one that was working beside others becomes a su
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import threading
 import time
@@ -54,7 +53,6 @@ class Work:
     item: Item
     good: list[str]
     refused: list[Record]
-    futures: list[concurrent.futures.Future[Record]] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -193,9 +191,7 @@ class Pipeline:
                 self.leases.working(message_id, alone)
                 with metrics.in_flight(len(good)):
                     one_by_one = alone  # a suspect: isolated down to the image
-                    records = (
-                        self._one_by_one(message_id, job_id, good) if one_by_one else self._classify(message_id, good)
-                    )
+                    records = self._one_by_one(message_id, job_id, good) if one_by_one else self._classify(good)
             except TooSlow as exc:
                 self._count(self.store.write(job_id, [*exc.done, *refused], model) or [])
                 raise
@@ -248,10 +244,10 @@ class Pipeline:
 
     def work_group(self, work: Sequence[Work], queue_acks: QueueAcks) -> list[Verdict]:
         """Stage two, leased messages together: one Lua call marks them working (after the work gate), their
-        images share the batcher's batches, and one pipeline writes their records, ends their leases and
-        acknowledges them (``queue_acks`` adds that part). Returns ACKED or REQUEUE per message: one not started
-        (shutting down) or that failed is given back, its records so far written, its lease ended by the charging
-        rule (docs/reliability.md).
+        images share batches run on this thread (worker/batcher.py), and one pipeline writes their records, ends
+        their leases and acknowledges them (``queue_acks`` adds that part). Returns ACKED or REQUEUE per message:
+        one not started (shutting down) or that failed is given back, its records so far written, its lease
+        ended by the charging rule (docs/reliability.md).
         """
         for index, w in enumerate(work):
             w.index = index
@@ -288,33 +284,19 @@ class Pipeline:
         return good, refused
 
     def _classify_group(self, work: Sequence[Work]) -> None:
-        """Submit every message's images at once; each message's outcome goes on its ``Work``."""
+        """Run every message's images on this thread, sharing batches; each message's outcome goes on its
+        ``Work`` (an inference failure raises, for ``work_group`` to give them all back)."""
         started = time.monotonic()
+        paths = [native_path(p) for w in work for p in w.good]
+        received = [w.item.received for w in work for _ in w.good]
+        records = self.batcher.run(paths, received, started + self.limits.time_limit)
+        at = 0
         for w in work:
-            if w.good:
-                w.futures = self.batcher.submit(
-                    [native_path(p) for p in w.good], source=w.item.message_id, received=w.item.received
-                )
-        futures = [f for w in work for f in w.futures]
-        concurrent.futures.wait(futures, timeout=self.limits.time_limit)
-        for w in work:
-            pending = [f for f in w.futures if not f.done()]
-            if pending:
-                for future in pending:
-                    future.cancel()
-                done = [f.result() for f in w.futures if f.done() and not f.cancelled() and f.exception() is None]
-                w.error = TooSlow(
-                    f"{len(pending)} of {len(w.good)} images not classified within "
-                    f"{time.monotonic() - started:.0f} s of starting (the time limit, a fraction of "
-                    f"IMGPIPE_VISIBILITY_TIMEOUT); {len(done)} recorded",
-                    done,
-                )
-                continue
-            failed = next((f.exception() for f in w.futures if f.exception() is not None), None)
-            if failed is not None:
-                w.error = failed
+            mine, at = records[at : at + len(w.good)], at + len(w.good)
+            if len(mine) < len(w.good):
+                w.error = _too_slow(len(w.good), mine, started)
             else:
-                w.records = [f.result() for f in w.futures]
+                w.records = mine
 
     def _finish_group(
         self,
@@ -405,7 +387,7 @@ class Pipeline:
         crash charges the one image in work (the culprit) and loses nothing else."""
         for path in paths:
             self.leases.current(message_id, path)
-            records = self._classify(message_id, [path])
+            records = self._classify([path])
             self._count(self.store.write(job_id, records, self.engine.model_id) or [])
         return []
 
@@ -417,20 +399,13 @@ class Pipeline:
         except Exception as store_exc:  # Redis may be what failed: the lease then expires by itself
             log.warning("cannot give back message %s: %s", message_id, store_exc)
 
-    def _classify(self, message_id: str, paths: Sequence[str]) -> list[Record]:
+    def _classify(self, paths: Sequence[str]) -> list[Record]:
         started = time.monotonic()
-        futures = self.batcher.submit([native_path(p) for p in paths], source=message_id)
-        _done, pending = concurrent.futures.wait(futures, timeout=self.limits.time_limit)
-        if pending:
-            for future in pending:
-                future.cancel()
-            done = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
-            raise TooSlow(
-                f"{len(pending)} of {len(paths)} images not classified within {time.monotonic() - started:.0f} s "
-                f"of starting (the time limit, a fraction of IMGPIPE_VISIBILITY_TIMEOUT); {len(done)} recorded",
-                done,
-            )
-        return [future.result() for future in futures]
+        now = [started] * len(paths)
+        records = self.batcher.run([native_path(p) for p in paths], now, started + self.limits.time_limit)
+        if len(records) < len(paths):
+            raise _too_slow(len(paths), records, started)
+        return records
 
     def _dead_letter(
         self, message_id: str, job_id: str, paths: Sequence[str], count: int, reason: str, finish: bool = False
@@ -469,6 +444,14 @@ class Pipeline:
             metrics.IMAGES.labels(status=record["status"]).inc()
             if record["status"] != "ok":
                 metrics.ERRORS.labels(reason=record.get("reason", "internal")).inc()
+
+
+def _too_slow(count: int, done: list[Record], started: float) -> TooSlow:
+    return TooSlow(
+        f"{count - len(done)} of {count} images not classified within {time.monotonic() - started:.0f} s of "
+        f"starting (the time limit, a fraction of IMGPIPE_VISIBILITY_TIMEOUT); {len(done)} recorded",
+        done,
+    )
 
 
 def _error(path: str, error: str, model: str, reason: str) -> Record:

@@ -1,4 +1,4 @@
-"""One worker process: load the model, start the batcher, heartbeat and reconciler, run the Celery consumer
+"""One worker process: load the model, start the group threads, heartbeat and reconciler, run the Celery consumer
 (started again if it stops on an error) until stopped."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ log = logging.getLogger("imgpipe.worker")
 
 
 def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int | None = None) -> int:
-    """Load the model, start the batcher and group threads and run a Celery consumer here until stopped."""
+    """Load the model, start the group threads and run a Celery consumer here until stopped."""
     from celery import signals
 
     from imgpipe import known_warnings
@@ -49,10 +49,11 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         topk=settings.model.topk,
         security=settings.security,
         torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
+        lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
     )
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
     server = metrics_server.start_metrics_server(settings.metrics)
-    batcher = Batcher(engine, settings.batch).start()
+    batcher = Batcher(engine, settings.batch)
     ttl = settings.redis.result_ttl_days * 86400
     store = ResultStore(client, ttl)
     hostname = f"imgpipe-{os.getpid()}@{socket.gethostname()}"
@@ -66,7 +67,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     gate = WorkGate(work_images(settings))
     pipeline = Pipeline(engine, batcher, store, leases, limits, gate, redirect=send_to_job_queue)
     message_limits = Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes)
-    runner = Runner(pipeline, message_limits, group_images=settings.batch.max_batch).start()
+    lanes = settings.batch.decode_threads  # group threads that decode and predict their own batches
+    runner = Runner(pipeline, message_limits, group_images=settings.batch.max_batch, threads=lanes + 1).start()
     register(app, pipeline, message_limits, runner)
     app.steps["consumer"].add(_drain_step(runner, pipeline.stopping, limits.time_limit))
 
@@ -112,6 +114,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                     topk=settings.model.topk,
                     security=settings.security,
                     torch_threads=settings.batch.torch_threads,
+                    lanes=settings.batch.decode_threads,
                 )
             except Exception as exc:  # not ours, tampered, truncated, wrong device: keep serving the old one
                 reason = (str(exc).splitlines() or [exc.__class__.__name__])[0]
@@ -188,7 +191,6 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         heartbeat.close()
         health.close()
         runner.close()
-        batcher.close()
         if server is not None:
             server.close()
         metrics_server.mark_this_process_dead()
