@@ -1,10 +1,12 @@
-"""The inference engine: load a model file once, decode images in a thread pool, batch, predict top-k."""
+"""The inference engine: load a model file once; lanes of threads read, decode and predict whole batches."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +61,12 @@ class Engine:
         self.labels = metadata.labels
         self._cuda = device.type == "cuda"
         self._amp = amp and self._cuda
+        # Lanes (``classify``, the worker's group threads) decode in parallel; on a GPU their batches take turns,
+        # so device memory holds one batch's activations at a time, as with a single inference thread. On the
+        # CPU each lane runs its batch on its own cores (imgpipe/threads.py).
+        self._device_turn: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self._cuda else contextlib.nullcontext()
+        )
         if self._cuda:
             self.module = self.module.to(device).to(memory_format=torch.channels_last)
         elif optimize:
@@ -140,7 +148,7 @@ class Engine:
         log.warning("out of memory on a batch of %d images: split in halves and retried", size)
 
     def _predict_rows(self, batch: torch.Tensor) -> list[TopK]:
-        with torch.inference_mode():
+        with self._device_turn, torch.inference_mode():
             if self._cuda:
                 x = batch.pin_memory().to(self.device, non_blocking=True)  # uint8: a quarter of the bytes
                 x = self._normalized(x).contiguous(memory_format=torch.channels_last)
