@@ -1,7 +1,8 @@
 """Adaptive batch sizing for a latency target (IMGPIPE_MAX_LATENCY_MS), as Triton's and BentoML's schedulers do.
 
 A pure, clock-free class: the batcher tells it how long each batch took and how long each image waited from
-receipt to record, and asks it how many images the next batch may take and how long it may wait to fill.
+receipt to record, and the group consumer asks it how many images the next group (a batch) waits for and how
+long it may wait to fill.
 
 Model: with decoding overlapped, an image that arrives waits for at most the batch in flight, then its own
 batch's fill wait and inference, so latency ~ fill wait + 2 x batch size x per-image inference time. The size is
@@ -9,9 +10,9 @@ the largest that fits the target by that model, corrected by feedback: when the 
 the correction shrinks (multiplicatively), when it is well below it grows back slowly (AIMD-like, so one slow
 batch does not collapse the size, and a steady overshoot does not persist).
 
-The plan bounds the *wait*: how many images a batch waits for and for how long. Images already decoded always
-go into the batch, up to the worker's maximum (worker/batcher.py), so a backlog is never throttled by a small
-plan; a plan smaller than the backlog would only lower throughput and raise the latency it aims at.
+The plan bounds the *wait*: how many images a batch waits for and for how long. Messages already leased always
+go into the group, up to the worker's maximum batch (worker/consumer.py), so a backlog is never throttled by a
+small plan; a plan smaller than the backlog would only lower throughput and raise the latency it aims at.
 """
 
 from __future__ import annotations

@@ -133,7 +133,14 @@ VARS: tuple[Var, ...] = (
     Var("TOPK", "model", "topk", "int", "labels (with scores) per record", 1),
     Var("MAX_BATCH", "batch", "max_batch", "int", "images per inference batch", 1),
     Var("MAX_WAIT_MS", "batch", "max_wait_ms", "int", "longest a worker waits to fill a batch (ms)", 0),
-    Var("DECODE_THREADS", "batch", "decode_threads", "int", "threads reading and decoding images (0: one per core)", 0),
+    Var(
+        "DECODE_THREADS",
+        "batch",
+        "decode_threads",
+        "int",
+        "lanes: threads that each read, decode and predict a batch (0: one per core)",
+        0,
+    ),
     Var("CHUNK_SIZE", "producer", "chunk_size", "int", "image paths per queue message (`enqueue`, `watch`)", 1),
     Var(
         "WATCH_SETTLE_MS",
