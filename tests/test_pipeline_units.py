@@ -15,7 +15,7 @@ from imgpipe.settings import BatchSettings, RedisSettings, SecuritySettings, Set
 from imgpipe.worker import metrics
 from imgpipe.worker.app import make_app, prefetch
 from imgpipe.worker.batcher import Batcher
-from imgpipe.worker.cli import plan_devices
+from imgpipe.worker.cli import plan_devices, share_cores
 from tests.images import write_bad, write_good
 
 
@@ -125,3 +125,15 @@ def test_one_device_parser_for_every_host_shape() -> None:
     for bad in ("tpu", "cuda:x", "cuda:", ""):
         with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
             parse_device(bad)
+
+
+def test_worker_processes_share_the_cores_unless_the_lanes_were_chosen() -> None:
+    from imgpipe import threads
+
+    cpus = threads.available_cpus()
+    settings = Settings(batch=BatchSettings(decode_threads=cpus))
+    assert share_cores(settings, 1, explicit=False).batch.decode_threads == cpus  # one process keeps them all
+    assert share_cores(settings, 2, explicit=False).batch.decode_threads == max(1, cpus // 2)
+    assert share_cores(settings, 4 * cpus, explicit=False).batch.decode_threads == 1  # at least one lane each
+    assert share_cores(settings, 2, explicit=True).batch.decode_threads == cpus  # IMGPIPE_DECODE_THREADS wins
+    assert share_cores(settings, 2, explicit=False).batch.max_batch == settings.batch.max_batch

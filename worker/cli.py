@@ -9,7 +9,9 @@ device each), restarts any that die, and serves their summed /metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -85,6 +87,8 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     if not model_file.is_file():
         raise ConfigError(f"model file not found: {model_file} (set IMGPIPE_MODEL or --model)")
     devices = plan_devices(settings.model.device, settings.worker.concurrency)
+    chosen = overrides.get("decode_threads") or os.environ.get("IMGPIPE_DECODE_THREADS", "0") not in ("", "0")
+    settings = share_cores(settings, len(devices), explicit=bool(chosen))
     if len(devices) == 1:
         from imgpipe.worker.run import run_worker
 
@@ -94,6 +98,19 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
 
         code = Supervisor(settings, devices, loglevel).run()
     sys.exit(code)
+
+
+def share_cores(settings: Settings, processes: int, *, explicit: bool) -> Settings:
+    """``settings`` with the host's cores shared among ``processes`` worker processes: each gets cores / processes
+    lanes (IMGPIPE_DECODE_THREADS, at least 1) and so cores / processes torch threads at most, unless the lanes
+    were chosen (``explicit``). One process keeps them all. Several processes on a CPU host each have their own
+    GIL: what serves tiny images fastest there (README, Benchmarks)."""
+    if explicit or processes <= 1:
+        return settings
+    from imgpipe import threads
+
+    lanes = max(1, threads.available_cpus() // processes)
+    return dataclasses.replace(settings, batch=dataclasses.replace(settings.batch, decode_threads=lanes))
 
 
 def _health_check(settings: Settings, readiness: bool) -> int:
