@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +139,31 @@ def test_worker_processes_share_the_cores_unless_the_lanes_were_chosen() -> None
     assert share_cores(settings, 4 * cpus, explicit=False).batch.decode_threads == 1  # at least one lane each
     assert share_cores(settings, 2, explicit=True).batch.decode_threads == cpus  # IMGPIPE_DECODE_THREADS wins
     assert share_cores(settings, 2, explicit=False).batch.max_batch == settings.batch.max_batch
+
+
+def test_one_stuck_lane_shows_as_a_stall_while_the_other_lanes_go_on(tmp_path: Path, default_model: Path) -> None:
+    engine = Engine.load(default_model, "cpu", security=SecuritySettings(allowed_roots=(tmp_path,)))
+    good = [str(p) for p in write_good(tmp_path / "good", 6)]
+    stuck, release = threading.Event(), threading.Event()
+    real = engine.safe_load_image
+
+    def load(path: str) -> Any:  # the first file hangs, as a read on a stalled network mount does
+        if path == good[0]:
+            stuck.set()
+            release.wait(60)
+        return real(path)
+
+    engine.safe_load_image = load  # type: ignore[method-assign]
+    batcher = Batcher(engine, BatchSettings(max_batch=4, decode_threads=2))
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(batcher.run, good[:1], [time.monotonic()])
+        assert stuck.wait(60)
+        hung_since = batcher.health()["progress"]
+        time.sleep(0.05)
+        records = batcher.run(good[1:], [time.monotonic()] * 5)  # another lane goes on
+        assert [r["status"] for r in records] == ["ok"] * 5 and batcher.last_progress > hung_since
+        # The heartbeat's progress is the stuck lane's: the liveness check sees the stall (imgpipe/health.py).
+        assert batcher.health()["progress"] == hung_since and batcher.health()["busy"] == 1
+        release.set()
+        assert blocked.result(60)[0]["status"] == "ok"
+    assert batcher.health() == {"busy": 0, "progress": batcher.last_progress}

@@ -49,14 +49,19 @@ class Batcher:
         self._lock = threading.Lock()
         self._busy = 0  # images in ``run`` and not yet resolved
         self.last_progress = 0.0  # epoch seconds of the latest image decoded or batch predicted (0: none yet)
+        self._lanes: dict[int, float] = {}  # thread id of each lane in ``run`` -> epoch seconds of its last progress
 
     def plan(self) -> Plan:
         """How many images the next batch waits for, and how long (the group consumer's fill rule)."""
         return self.sizer.plan() if self.sizer else Plan(self.max_batch, self.max_wait)  # throughput hook
 
     def health(self) -> dict[str, float | int]:
-        """For the worker's heartbeat: images in hand and the time of the latest progress."""
-        return {"busy": self._busy, "progress": self.last_progress}
+        """For the worker's heartbeat: images in hand and the time of the latest progress of the slowest lane
+        in work, so that one lane stuck on a file (a stalled network mount) shows as a stall for the liveness
+        check (imgpipe/health.py) even while the other lanes go on."""
+        with self._lock:
+            lanes = list(self._lanes.values())
+            return {"busy": self._busy, "progress": min(lanes) if lanes else self.last_progress}
 
     def run(self, paths: Sequence[str], received: Sequence[float], deadline: float | None = None) -> list[Record]:
         """Records for ``paths`` in order, in batches of up to ``max_batch``; ``received[i]`` is the
@@ -65,8 +70,10 @@ class Batcher:
         Past ``deadline`` (time.monotonic()) no further image starts: the records done are returned, fewer than
         the paths. An inference failure (after the engine's out-of-memory splitting) raises.
         """
+        lane = threading.get_ident()
         with self._lock:
             self._busy += len(paths)
+            self._lanes[lane] = time.time()
         try:
             records: list[Record] = []
             for start in range(0, len(paths), self.max_batch):
@@ -78,6 +85,12 @@ class Batcher:
         finally:
             with self._lock:
                 self._busy -= len(paths)
+                self._lanes.pop(lane, None)
+
+    def _progress(self) -> None:
+        now = time.time()
+        self.last_progress = now
+        self._lanes[threading.get_ident()] = now  # an existing key: no resize, safe beside ``health``'s copy
 
     def _run_batch(self, paths: Sequence[str], received: Sequence[float], deadline: float | None) -> list[Record]:
         engine = self.engine  # one model per batch, even if a reload swaps it meanwhile
@@ -88,11 +101,11 @@ class Batcher:
             start = time.perf_counter()
             tensors.append(engine.safe_load_image(path))
             metrics.STAGE_SECONDS.labels(stage="decode").observe(time.perf_counter() - start)
-            self.last_progress = time.time()
+            self._progress()
         start = time.perf_counter()
         records = engine.records_for(paths[: len(tensors)], tensors)  # error records need no inference
         elapsed = time.perf_counter() - start
-        self.last_progress = time.time()
+        self._progress()
         size = sum(1 for t in tensors if not isinstance(t, ImageError))
         if size:
             metrics.STAGE_SECONDS.labels(stage="infer").observe(elapsed)
