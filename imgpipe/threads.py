@@ -91,20 +91,19 @@ def decode_threads(cpus: int | None = None) -> int:
 
 def torch_threads(device_type: str, cpus: int | None = None, lanes: int = 0) -> int:
     """Default torch intra-op threads for an engine on ``device_type`` ("cpu" or "cuda") whose batches run on
-    ``lanes`` threads at once, each decoding its own batch (``Engine.classify``); 0: one thread runs the
-    batches while decode threads prepare the next.
+    ``lanes`` threads at once, each decoding its own batch (``Engine.classify``, the worker's group threads);
+    0: the default lanes, one per core (``decode_threads``).
 
     On a GPU the host threads only launch kernels and copy: one is enough and leaves the cores to decoding.
     On the CPU the lanes share the cores: each gets cores / lanes (one each when there is a lane per core, data
     parallel as a DataLoader's worker processes are, with no hand-off inside a batch; measured on 2 shared
     cores with the demo model: 2 lanes of 1 thread ran 2x the images/s of 1 batch thread of 1 beside 2 decode
-    threads). One batch thread beside decode threads gets half of them, so the two stages overlap instead of
-    fighting over the same cores.
+    threads).
     """
     cpus = available_cpus() if cpus is None else cpus
     if device_type != "cpu":
         return 1
-    return max(1, cpus // lanes) if lanes > 0 else max(1, cpus // 2)
+    return max(1, cpus // (lanes or decode_threads(cpus)))
 
 
 def configure_openmp(environ: MutableMapping[str, str] | None = None) -> None:

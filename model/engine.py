@@ -90,7 +90,7 @@ class Engine:
     ) -> Engine:
         """Load a model file for ``device``; sets this process's torch intra-op threads to ``torch_threads``
         (0: chosen for the device from the cores available and the ``lanes``, the threads that will run batches
-        at once: ``classify``'s lanes; 0 for one batch thread beside decode threads, imgpipe/threads.py)."""
+        at once, as ``classify``'s; 0: its default, one per core; imgpipe/threads.py)."""
         dev = select_device(device)
         torch.set_num_threads(torch_threads or threads.torch_threads(dev.type, lanes=lanes))
         module, metadata = modelfile.load(Path(path), dev)

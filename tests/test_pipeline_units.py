@@ -138,6 +138,14 @@ def test_worker_processes_share_the_cores_unless_the_lanes_were_chosen() -> None
     assert share_cores(settings, 2, explicit=False).batch.decode_threads == max(1, cpus // 2)
     assert share_cores(settings, 4 * cpus, explicit=False).batch.decode_threads == 1  # at least one lane each
     assert share_cores(settings, 2, explicit=True).batch.decode_threads == cpus  # IMGPIPE_DECODE_THREADS wins
+    # Torch threads: the process's share of the cores over its lanes, unless IMGPIPE_TORCH_THREADS is set.
+    assert share_cores(settings, 2, explicit=False).batch.torch_threads == 1
+    assert share_cores(settings, 2, explicit=True).batch.torch_threads == 1  # more lanes than its share
+    one_lane = Settings(batch=BatchSettings(decode_threads=1))
+    assert share_cores(one_lane, 2, explicit=True).batch.torch_threads == max(1, cpus // 2)
+    pinned = Settings(batch=BatchSettings(decode_threads=1, torch_threads=7))
+    assert share_cores(pinned, 2, explicit=True).batch.torch_threads == 7
+    assert share_cores(pinned, 1, explicit=False) == pinned
     assert share_cores(settings, 2, explicit=False).batch.max_batch == settings.batch.max_batch
 
 

@@ -77,9 +77,10 @@ class Batcher:
         try:
             records: list[Record] = []
             for start in range(0, len(paths), self.max_batch):
-                batch = self._run_batch(paths[start : start + self.max_batch], received[start:], deadline)
+                end = start + self.max_batch
+                batch = self._run_batch(paths[start:end], received[start:end], deadline)
                 records.extend(batch)
-                if start + len(batch) < min(len(paths), start + self.max_batch):
+                if start + len(batch) < min(len(paths), end):
                     break  # the deadline passed
             return records
         finally:

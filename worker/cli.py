@@ -101,16 +101,20 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
 
 
 def share_cores(settings: Settings, processes: int, *, explicit: bool) -> Settings:
-    """``settings`` with the host's cores shared among ``processes`` worker processes: each gets cores / processes
-    lanes (IMGPIPE_DECODE_THREADS, at least 1) and so cores / processes torch threads at most, unless the lanes
-    were chosen (``explicit``). One process keeps them all. Several processes on a CPU host each have their own
-    GIL: what serves tiny images fastest there (README, Benchmarks)."""
-    if explicit or processes <= 1:
+    """``settings`` with the host's cores shared among ``processes`` worker processes: each gets its share of
+    the cores as lanes (IMGPIPE_DECODE_THREADS, at least 1) unless the lanes were chosen (``explicit``), and
+    its share over its lanes as torch threads unless IMGPIPE_TORCH_THREADS is set. One process keeps them all.
+    Several processes on a CPU host each have their own GIL: what serves tiny images fastest there (README,
+    Benchmarks)."""
+    if processes <= 1:
         return settings
     from imgpipe import threads
 
-    lanes = max(1, threads.available_cpus() // processes)
-    return dataclasses.replace(settings, batch=dataclasses.replace(settings.batch, decode_threads=lanes))
+    share = max(1, threads.available_cpus() // processes)
+    lanes = settings.batch.decode_threads if explicit else share
+    torch_threads = settings.batch.torch_threads or max(1, share // lanes)
+    batch = dataclasses.replace(settings.batch, decode_threads=lanes, torch_threads=torch_threads)
+    return dataclasses.replace(settings, batch=batch)
 
 
 def _health_check(settings: Settings, readiness: bool) -> int:

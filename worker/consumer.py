@@ -22,7 +22,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 
 # Message ids become parts of Redis keys: printable ASCII, no spaces, bounded (Celery and imgpipe send uuids).
 MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,200}")
-# Threads that run groups (lanes, worker/batcher.py) when not given: one more than the decode threads, so one
-# group forms (or writes its records) while the others decode and predict.
-GROUP_THREADS = 3
 # Most deliveries leased in one Lua call.
 LEASE_MAX = 256
 # Threads for messages that must run alone (suspects; few at a time by nature).
@@ -118,7 +115,9 @@ class Runner:
     deliveries as they arrive, and group threads run the leased messages in groups: each group's images
     decoded and predicted on its own thread (worker/batcher.py)."""
 
-    def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int = GROUP_THREADS) -> None:
+    def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int) -> None:
+        """``threads`` group threads: the lanes (worker/batcher.py) plus one, so that one group forms (or writes
+        its records) while the others decode and predict."""
         self.pipeline = pipeline
         self.limits = limits
         self.group_images = max(1, group_images)
@@ -241,7 +240,9 @@ class Runner:
             if stop:
                 return
 
-    def _enough(self, images: int) -> Any:
+    @staticmethod
+    def _enough(images: int) -> Callable[[list[tuple[_Delivery, Work]]], bool]:
+        """``take_more``'s ``full`` for a number of images (a group's messages weigh their images)."""
         return lambda group: sum(_images(w) for _, w in group) >= images
 
     def _work(self, group: list[tuple[_Delivery, Work]]) -> None:

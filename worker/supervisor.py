@@ -99,11 +99,9 @@ class Supervisor:
         env["IMGPIPE_REDIS_URL"] = self.settings.redis.url  # not on the command line: it may hold a password
         if self.devices[index] == "cpu":
             # Share the cores between the CPU processes instead of each using all of them: each has
-            # --decode-threads lanes (worker/cli.py share_cores) and its share of cores over them for torch.
-            share = max(1, (os.cpu_count() or 1) // len(self.devices))
-            env["OMP_NUM_THREADS"] = str(share)
-            if env.get("IMGPIPE_TORCH_THREADS", "0") in ("", "0"):
-                env["IMGPIPE_TORCH_THREADS"] = str(max(1, share // self.settings.batch.decode_threads))
+            # --decode-threads lanes and its share of cores over them for torch (worker/cli.py share_cores).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.devices)))
+            env["IMGPIPE_TORCH_THREADS"] = str(self.settings.batch.torch_threads)
         child = subprocess.Popen(self._command(index), env=env)
         self.children[index] = (child, time.monotonic())
         log.info("worker process %d (pid %d) on %s started", index, child.pid, self.devices[index])
