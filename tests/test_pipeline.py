@@ -111,6 +111,29 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
     assert client.hlen("unacked") == 0
 
 
+def test_a_chunked_job_spreads_over_every_worker_instead_of_the_first_one_taking_it_all(
+    tmp_path: Path, redis_url: str, client: redis.Redis
+) -> None:
+    """Workers hold a bounded number of images, not of messages (worker/app.py ``hold_images``): with a batch of 8
+    and one lane each holds 16 images, 2 messages of 8. Before, the prefetch count was 16 messages, and the first
+    worker to wake took 16 of the job's 20 messages while the other idled."""
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 160)}
+    ports = [free_port(), free_port()]
+    env = {"IMGPIPE_MAX_BATCH": "8", "IMGPIPE_DECODE_THREADS": "1"}
+    with workers_for(tmp_path, redis_url, data, **env) as workers:
+        for port in ports:
+            workers.start("--metrics-port", str(port))
+        job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "8")
+        wait_for_job(client, job_id, timeout=120, workers=workers)
+        _exactly_once(client, job_id, images)
+        done = []
+        for port in ports:
+            match = re.search(r'imgpipe_images_total\{status="ok"\} (\d+)', scrape(port))
+            done.append(int(match.group(1)) if match else 0)
+        assert sum(done) == 160 and min(done) >= 40, f"images per worker: {done}\n{workers.logs()}"
+
+
 def test_concurrency_runs_child_processes_and_serves_their_summed_metrics(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:

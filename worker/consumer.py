@@ -1,17 +1,19 @@
 """The worker's own message handling inside Celery's consumer: deliveries are grouped, not run one per thread.
 
 Celery's default strategy turns each message into a request run on a pool thread that makes its own Redis round
-trips and acknowledges itself, so a one-path message cost as much as a chunk (issue 9: 3-4 ms of round trips
-and a thread hand-off per message). Here the task's Strategy only hands each kombu message to ``Runner.put``
-(in the consumer's event loop, nothing else). A lease thread takes the leases of every delivery waiting, in one
-Lua call, as they arrive (``Pipeline.lease_group``); group threads take leased messages, up to a batch of images,
-and run them through ``Pipeline.work_group``: one Lua call marks them working, their images share batches, and
-one pipeline writes every record, ends the leases and acknowledges the messages. The promise is unchanged
-(docs/reliability.md): a message is acknowledged only after its records are written.
+trips and acknowledges itself, so a one-path message cost as much as a chunk (issue 9: 3-4 ms of round trips and a
+thread hand-off per message). Here the task's Strategy only hands each kombu message to ``Runner.put`` (on the
+consumer's event loop: validated there, no Redis), which counts the images held; the transport fetches while they
+are under a bound (``Runner.room``), so that a chunked job spreads over every worker. A lease thread takes the
+leases of every delivery waiting, in one Lua call, as they arrive (``Pipeline.lease_group``); group threads take
+leased messages, up to a batch of images, and run them through ``Pipeline.work_group``: one Lua call marks them
+working, their images share batches, and one pipeline writes every record, ends the leases and acknowledges the
+messages. The promise is unchanged (docs/reliability.md): a message is acknowledged only after its records are
+written.
 
-Acknowledging happens on our own Redis client: the kombu message's delivery tag is removed from kombu's unacked
-hash and index in the group's last pipeline, then the channel's local bookkeeping is told on its event loop
-(which frees the prefetch slot and wakes the loop). A message given back is rejected with requeue through kombu.
+Acknowledging happens on our own Redis client: the kombu message's delivery tag is removed from kombu's unacked hash
+and index in the group's last pipeline, then the channel's local bookkeeping is told on its event loop (which frees
+the prefetch slot and wakes the loop). A message given back is rejected with requeue through kombu.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,200}")
 # Most deliveries leased in one Lua call.
 LEASE_MAX = 256
+# Weight of each new delivery in the recent paths per message (an exponential mean).
+MEAN_WEIGHT = 0.2
 # Threads for messages that must run alone (suspects; few at a time by nature).
 ALONE_THREADS = 2
 
@@ -49,6 +53,7 @@ class _Delivery:
     raw: Any  # the kombu message
     received: float
     item: Item | None = None
+    weight: int = 1  # images it holds: 1 until parsed, then its paths
 
 
 def parse_delivery(raw: Any, limits: Limits, received: float) -> Item:
@@ -115,12 +120,18 @@ class Runner:
     deliveries as they arrive, and group threads run the leased messages in groups: each group's images
     decoded and predicted on its own thread (worker/batcher.py)."""
 
-    def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int, hold_images: int = 0
+    ) -> None:
         """``threads`` group threads: the lanes (worker/batcher.py) plus one, so that one group forms (or writes
-        its records) while the others decode and predict."""
+        its records) while the others decode and predict. ``hold_images``: the images this process holds at once
+        (delivered, not yet settled; 0: no bound), for the transport's prefetch (``room``)."""
         self.pipeline = pipeline
         self.limits = limits
         self.group_images = max(1, group_images)
+        self.hold_images = max(0, hold_images)
+        self._held = 0  # images of the deliveries put and not yet settled (1 each until parsed)
+        self._mean_paths = 0.0  # paths per message of recent deliveries (the estimate for those not yet read)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
         self._leased: queue.SimpleQueue[tuple[_Delivery, Work] | None] = queue.SimpleQueue()
         self._lease_thread = threading.Thread(target=self._lease_loop, name="imgpipe-lease", daemon=True)
@@ -141,10 +152,24 @@ class Runner:
         return self
 
     def put(self, raw: Any) -> None:
-        """Called by Celery's consumer for each delivery (its event loop: nothing slow here)."""
+        """Called by Celery's consumer for each delivery, on its event loop: the message is validated here (no
+        Redis), so that the images it holds count before the transport asks for more (``room``)."""
+        delivery = _Delivery(raw, time.monotonic())
+        self._parse(delivery)
         with self._lock:
             self._pending += 1
-        self._inbox.put(_Delivery(raw, time.monotonic()))
+            self._held += delivery.weight
+        self._inbox.put(delivery)
+
+    def room(self) -> int:
+        """Messages the transport may take now (worker/transport.py): while this process holds fewer images than
+        ``hold_images``, as many as the rest would fill at the recent paths per message (at least one). A worker
+        takes a share of a chunked job, not all of it: the other workers, processes and hosts get the rest."""
+        if not self.hold_images:
+            return 1 << 30
+        with self._lock:
+            left = self.hold_images - self._held
+            return 0 if left <= 0 else max(1, int(left / (self._mean_paths or 1.0)))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every delivery is settled (``pipeline.stopping`` set: those not started go back)."""
@@ -162,9 +187,10 @@ class Runner:
         self._inbox.put(None)  # the lease thread passes it on to the group threads
         self._alone.shutdown(wait=False, cancel_futures=True)
 
-    def _done(self, count: int = 1) -> None:
+    def _done(self, deliveries: Sequence[_Delivery]) -> None:
         with self._settled:
-            self._pending -= count
+            self._pending -= len(deliveries)
+            self._held -= sum(d.weight for d in deliveries)
             self._settled.notify_all()
 
     def _lease_loop(self) -> None:
@@ -183,8 +209,6 @@ class Runner:
                 log.exception("taking the leases of %d messages failed", len(group))
 
     def _lease(self, group: list[_Delivery]) -> None:
-        for delivery in group:
-            self._parse(delivery)
         refused = [d for d in group if d.item is None]
         valid = [d for d in group if d.item is not None]
         raws = [d.raw for d in valid]
@@ -198,10 +222,11 @@ class Runner:
             verdicts = [Verdict(REQUEUE) for _ in valid]
         for d in refused:
             ack(d.raw)
-        self._settle(list(zip(valid, verdicts, strict=True)), len(refused))
+        self._settle(list(zip(valid, verdicts, strict=True)), refused)
 
-    def _settle(self, outcomes: list[tuple[_Delivery, Verdict]], settled: int = 0) -> None:
+    def _settle(self, outcomes: list[tuple[_Delivery, Verdict]], refused: Sequence[_Delivery] = ()) -> None:
         done: list[Any] = []
+        settled = list(refused)
         for d, verdict in outcomes:
             if verdict.kind == ALONE:
                 self._alone.submit(self._run_alone, d, verdict)
@@ -210,17 +235,17 @@ class Runner:
                 assert verdict.work is not None
                 self._leased.put((d, verdict.work))
                 continue
-            settled += 1
+            settled.append(d)
             if verdict.kind == ACKED:
                 done.append(d.raw)
             elif verdict.kind == ACK:
                 ack(d.raw)
             else:
                 requeue(d.raw)
+        if settled:
+            self._done(settled)  # before the loop is woken: its next fetch sees the room
         if done or settled:
             self._on_loop(_acked_all, done)
-        if settled:
-            self._done(settled)
 
     def _work_loop(self) -> None:
         while True:
@@ -262,6 +287,11 @@ class Runner:
         except Refused as exc:  # before any Redis write; dropped (acknowledged), never retried
             metrics.REFUSED.labels(reason=exc.reason).inc()
             log.error("a message was refused (%s): %s; dropped", exc.reason, exc.detail)
+            return
+        delivery.weight = paths = max(1, len(delivery.item.message.paths))
+        with self._lock:  # the first message sets the mean, later ones move it
+            mean = self._mean_paths
+            self._mean_paths = paths if not mean else mean + (paths - mean) * MEAN_WEIGHT
 
     def _on_loop(self, callback: Any, *args: Any) -> None:
         """Run ``callback`` on the consumer's event loop and wake it (it may be waiting with every prefetch
@@ -286,8 +316,8 @@ class Runner:
             self.pipeline.failed(item.message_id, item.message.job_id, exc)
             requeue(delivery.raw)
         finally:
+            self._done([delivery])
             self._on_loop(_acked_all, [])
-            self._done()
 
 
 def _images(work: Work) -> int:

@@ -33,8 +33,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     from imgpipe.messages import Limits
     from imgpipe.model.engine import Engine
     from imgpipe.registry import Heartbeat, WorkerInfo
-    from imgpipe.worker import metrics, metrics_server
-    from imgpipe.worker.app import make_app, prefetch, work_images
+    from imgpipe.worker import metrics, metrics_server, transport
+    from imgpipe.worker.app import hold_images, make_app, prefetch, work_images
     from imgpipe.worker.batcher import Batcher
     from imgpipe.worker.consumer import Runner
     from imgpipe.worker.pipeline import Pipeline, PipelineLimits, WorkGate
@@ -68,7 +68,10 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     pipeline = Pipeline(engine, batcher, store, leases, limits, gate, redirect=send_to_job_queue)
     message_limits = Limits(settings.worker.max_message_paths, settings.worker.max_message_bytes)
     lanes = settings.batch.decode_threads  # group threads that decode and predict their own batches
-    runner = Runner(pipeline, message_limits, group_images=settings.batch.max_batch, threads=lanes + 1).start()
+    runner = Runner(
+        pipeline, message_limits, settings.batch.max_batch, threads=lanes + 1, hold_images=hold_images(settings)
+    ).start()
+    transport.hold_by(runner.room)  # fetch by the images held as well as the messages (worker/app.py)
     register(app, pipeline, message_limits, runner)
     app.steps["consumer"].add(_drain_step(runner, pipeline.stopping, limits.time_limit))
 
@@ -146,7 +149,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     log.info(
         "imgpipe worker %d: model %s on %s; queues %s at %s; allowed roots %s; batches of up to %d images "
-        "(waiting up to %d ms); %d messages at a time, %d images in work%s",
+        "(waiting up to %d ms); %d messages and %d images held at a time, %d images in work%s",
         os.getpid(),
         engine.model_id,
         engine.device,
@@ -156,6 +159,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         settings.batch.max_batch,
         settings.batch.max_wait_ms,
         prefetch(settings),
+        hold_images(settings),
         work_images(settings),
         f"; metrics on port {server.port}" if server is not None else "",
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
@@ -85,7 +86,11 @@ TAKE_MAX = 64
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, except that deliveries already recorded as unacknowledged by ``TAKE_LUA`` are only
-    tracked locally (no second round trip each)."""
+    tracked locally (no second round trip each), and that the worker's images held bound the fetch as well as
+    the prefetch count (``hold_by``)."""
+
+    # Messages the worker may take now by the images it holds (``Runner.room``); None: the prefetch count only.
+    images_room: Callable[[], int] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -98,11 +103,19 @@ class QoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def can_consume(self) -> bool:
+        """kombu asks before each fetch (BRPOP): the prefetch count and the images held both allow one."""
+        room = QoS.images_room
+        return super().can_consume() and (room is None or room() > 0)
+
     def room(self) -> int:
-        """Deliveries the prefetch count still allows."""
-        if not self.prefetch_count:
-            return TAKE_MAX
-        return max(0, self.prefetch_count - (len(self._delivered) - len(self._dirty)))
+        """Deliveries the prefetch count and the images held still allow."""
+        room = TAKE_MAX
+        if self.prefetch_count:
+            room = max(0, self.prefetch_count - (len(self._delivered) - len(self._dirty)))
+        if QoS.images_room is not None:
+            room = min(room, QoS.images_room())
+        return room
 
 
 class Channel(kombu_redis.Channel):
@@ -180,6 +193,11 @@ class Transport(kombu_redis.Transport):
             if isinstance(qos, QoS) and tag in qos.recorded:
                 qos.recorded.discard(tag)
                 qos._remove_from_indices(tag).execute()
+
+
+def hold_by(room: Callable[[], int] | None) -> None:
+    """Bound this process's fetches by ``room()`` messages as well as the prefetch count (``Runner.room``)."""
+    QoS.images_room = room
 
 
 def install() -> None:
