@@ -63,6 +63,9 @@ RESULT_TTL_DAYS = 7
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Most decode threads chosen automatically (IMGPIPE_DECODE_THREADS=0): past this, reading and Python overhead bound.
 DECODE_THREADS_MAX = 16
+# Memory a default CPU worker process is sized at (one per core, as many as memory allows): a worker process
+# with the torch wheel loaded holds ~330 MB of its own; the rest is room for the batches in work.
+CPU_PROCESS_MEMORY = 1 << 30
 # Torch intra-op threads of an engine; 0: chosen from the cores and the device (imgpipe/threads.py).
 TORCH_THREADS = 0
 # OpenMP wait policy set before torch loads (unless OMP_WAIT_POLICY is set): idle threads sleep, not spin.

@@ -39,26 +39,33 @@ def _own_cgroup_v2(proc_cgroup: str | None) -> str:
     return "/"
 
 
+def _cgroup_v2_files(root: Path, proc_cgroup: str | None, name: str) -> list[str]:
+    """The text of cgroup v2 file ``name`` in this process's cgroup and each one above it, up to the root."""
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup"))
+    texts: list[str] = []
+    here = root / _own_cgroup_v2(proc_cgroup).lstrip("/")
+    while True:
+        text = _read(here / name)
+        if text:
+            texts.append(text)
+        if here == root or root not in here.parents:
+            return texts
+        here = here.parent
+
+
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float | None:
     """CPUs allowed by the cgroup CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``),
     the tightest along the way from this process's cgroup to the root; None when there is no quota.
 
     ``root`` and ``proc_cgroup`` (the text of /proc/self/cgroup) are parameters so the parsing can be tested.
     """
-    if proc_cgroup is None:
-        proc_cgroup = _read(Path("/proc/self/cgroup"))
     limits: list[float] = []
     if (root / "cgroup.controllers").exists():  # v2: walk from our cgroup up to the mount root
-        here = root / _own_cgroup_v2(proc_cgroup).lstrip("/")
-        while True:
-            text = _read(here / "cpu.max")
-            if text:
-                quota, _, period = text.partition(" ")
-                if quota != "max" and period:
-                    limits.append(int(quota) / int(period))
-            if here == root or root not in here.parents:
-                break
-            here = here.parent
+        for text in _cgroup_v2_files(root, proc_cgroup, "cpu.max"):
+            quota, _, period = text.partition(" ")
+            if quota != "max" and period:
+                limits.append(int(quota) / int(period))
     else:  # v1
         for folder in ("cpu,cpuacct", "cpu"):
             quota_text, period_text = (
@@ -69,6 +76,42 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -
                 limits.append(int(quota_text) / int(period_text))
                 break
     return min(limits) if limits else None
+
+
+def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int | None:
+    """Bytes allowed by the cgroup memory limit (v2 ``memory.max``, the tightest up to the root; v1
+    ``memory.limit_in_bytes``, where "no limit" reads as a huge number); None when there is none."""
+    limits: list[int] = []
+    if (root / "cgroup.controllers").exists():
+        limits = [int(t) for t in _cgroup_v2_files(root, proc_cgroup, "memory.max") if t.isdigit()]
+    else:
+        text = _read(root / "memory" / "memory.limit_in_bytes")
+        if text and text.isdigit() and int(text) < 1 << 60:
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def available_memory(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None, meminfo: str | None = None) -> int:
+    """Bytes of memory this process's container may use: the machine's (MemTotal), capped by the cgroup limit."""
+    if meminfo is None:
+        meminfo = _read(Path("/proc/meminfo")) or ""
+    total = next((int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
+    limit = cgroup_memory_limit(root, proc_cgroup)
+    if not total:  # not Linux: no cap known beyond the cgroup's
+        return limit if limit is not None else 1 << 62
+    return min(total, limit) if limit is not None else total
+
+
+def cpu_processes(cpus: int | None = None, memory: int | None = None) -> int:
+    """Default worker processes on a CPU host (`imgpipe worker` without --concurrency): one per core, each with
+    its own interpreter and GIL, as many as memory allows at ``defaults.CPU_PROCESS_MEMORY`` each, at least one.
+
+    One process's Python work (messages, leases, records, decoding small images) holds one GIL: on 2 cores one
+    process used 1.3 of them on the demo digits and two processes ran 1.5x its images/s (README, Benchmarks).
+    Torch releases the GIL, so large models lose nothing: each process gets its share of the cores."""
+    cpus = available_cpus() if cpus is None else cpus
+    memory = available_memory() if memory is None else memory
+    return max(1, min(cpus, memory // defaults.CPU_PROCESS_MEMORY))
 
 
 def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int:

@@ -65,6 +65,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     # Workers' health sentinels in a folder of this test session, never the machine-wide default.
     env["IMGPIPE_HEALTH_DIR"] = _health_dir()
+    # One process per `imgpipe worker` (the CPU default is one per core): tests kill, probe and scrape that
+    # process; those about several processes pass --concurrency or unset this.
+    env["IMGPIPE_CONCURRENCY"] = "1"
     env.update(extra)
     return env
 

@@ -72,7 +72,9 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     machine = summary["machine"]
     assert machine["cpus"] >= 1 and machine["device"] == "cpu" and machine["contention"] is False
     assert machine["decode_threads"] >= 1 and machine["torch_threads_cpu"] >= 1 and machine["os_cpu_count"] >= 1
-    assert summary["settings"] == {"rounds": 2, "workers": 1, "batch_size": 16, "chunk_size": 32}
+    assert summary["settings"] == {
+        "rounds": 2, "workers": 1, "processes_per_worker": 1, "batch_size": 16, "chunk_size": 32
+    }  # fmt: skip
 
     digits = summary["workloads"]["digits"]
     _check_workload(digits, 40, {"inprocess", *PEER_VARIANTS, *QUEUE_VARIANTS, "compute", "decode"}, rounds=2)

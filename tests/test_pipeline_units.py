@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from imgpipe import threads
 from imgpipe.broker import celery_config, ssl_options, task_time_limit, transport_options
 from imgpipe.errors import ConfigError
 from imgpipe.model.engine import Engine
@@ -21,8 +22,8 @@ from imgpipe.worker.cli import plan_devices, share_cores
 from tests.images import write_bad, write_good
 
 
-def test_device_plan_one_process_per_gpu_else_the_cpu() -> None:
-    assert plan_devices("cpu", None) == ["cpu"]
+def test_device_plan_one_process_per_gpu_else_one_per_core_on_the_cpu() -> None:
+    assert plan_devices("cpu", None) == ["cpu"] * threads.cpu_processes()
     assert plan_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
     assert plan_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
     with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
@@ -35,6 +36,7 @@ def test_device_plan_without_a_gpu_is_the_cpu_or_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
     assert plan_devices("auto", 2) == ["cpu", "cpu"]
+    assert plan_devices("auto", None) == ["cpu"] * threads.cpu_processes()
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         plan_devices("cuda", None)
 
@@ -130,8 +132,6 @@ def test_one_device_parser_for_every_host_shape() -> None:
 
 
 def test_worker_processes_share_the_cores_unless_the_lanes_were_chosen() -> None:
-    from imgpipe import threads
-
     cpus = threads.available_cpus()
     settings = Settings(batch=BatchSettings(decode_threads=cpus))
     assert share_cores(settings, 1, explicit=False).batch.decode_threads == cpus  # one process keeps them all

@@ -45,6 +45,27 @@ def test_cgroup_v1_quota_and_no_quota(tmp_path: Path) -> None:
     assert threads.available_cpus(tmp_path / "nothing", "") == len(os.sched_getaffinity(0))
 
 
+def test_memory_is_the_machine_capped_by_the_cgroup_and_sizes_the_cpu_processes(tmp_path: Path) -> None:
+    gib = 1 << 30
+    meminfo = "MemTotal:       16777216 kB\nMemFree:         1000 kB\n"  # 16 GiB
+    root = _cgroup_v2(tmp_path / "v2", {"memory.max": "max\n", "pod/memory.max": f"{3 * gib}\n"})
+    assert threads.cgroup_memory_limit(root, "0::/pod\n") == 3 * gib
+    assert threads.cgroup_memory_limit(root, "0::/\n") is None  # "max"
+    assert threads.available_memory(root, "0::/pod\n", meminfo) == 3 * gib
+    assert threads.available_memory(root, "0::/\n", meminfo) == 16 * gib
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert threads.cgroup_memory_limit(v1, "") is None
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * gib}\n")
+    assert threads.available_memory(v1, "", meminfo) == 2 * gib
+    # One process per core, as many as memory allows at CPU_PROCESS_MEMORY each, never none.
+    assert threads.cpu_processes(cpus=8, memory=64 * gib) == 8
+    assert threads.cpu_processes(cpus=8, memory=3 * gib) == 3
+    assert threads.cpu_processes(cpus=2, memory=gib // 2) == 1
+    assert threads.available_memory() > 0 and threads.cpu_processes() >= 1
+
+
 def test_this_host_has_at_least_one_core_and_real_cgroup_files_parse() -> None:
     assert threads.available_cpus() >= 1
     limit = threads.cgroup_cpu_limit()

@@ -131,13 +131,21 @@ def _health_check(settings: Settings, readiness: bool) -> int:
 
 
 def plan_devices(device: str, concurrency: int | None) -> list[str]:
-    """The device of each worker process: one per GPU (round-robin when asked for more), else the CPU."""
+    """The device of each worker process: one per GPU (round-robin when asked for more); on the CPU, one per
+    core as memory allows (imgpipe/threads.py ``cpu_processes``) unless ``concurrency`` says."""
+    from imgpipe import threads
+
     spec = parse_device(device)
-    if spec.kind == "cpu" or spec.index is not None:  # one fixed device: each process checks it exists
+    if spec.kind == "cpu":
+        return ["cpu"] * (concurrency or threads.cpu_processes())
+    if spec.index is not None:  # one fixed GPU: each process checks it exists
         return [str(spec)] * (concurrency or 1)
     import torch  # counting GPUs here creates no CUDA context, and children are new interpreters anyway
 
-    return spec.plan(torch.cuda.device_count() if torch.cuda.is_available() else 0, concurrency)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0 and spec.kind == "auto":  # no GPU: the CPU's default
+        return ["cpu"] * (concurrency or threads.cpu_processes())
+    return spec.plan(gpus, concurrency)
 
 
 @click.command("exporter")

@@ -100,7 +100,14 @@ def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Warm `imgpipe worker` processes of the queue variants.",
+    help="Warm `imgpipe worker` commands of the queue variants (each runs --concurrency processes).",
+)
+@click.option(
+    "--concurrency",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Processes of each `imgpipe worker` [env IMGPIPE_CONCURRENCY; default: the worker's own, one per core "
+    "on the CPU (as memory allows), one per GPU].",
 )
 @click.option(
     "--batch-size",
@@ -140,6 +147,7 @@ def bench(
     photos: int,
     rounds: int,
     workers: int,
+    concurrency: int | None,
     batch_size: int | None,
     chunk_size: int | None,
     paths: int,
@@ -173,12 +181,17 @@ def bench(
     """
     chosen_workloads = parse_names(workloads, WORKLOADS, "--workload")
     chosen = parse_names(variants, VARIANTS, "--variants")
-    settings = Settings.from_env(sections=("model", "batch", "security", "producer"))
+    settings = Settings.from_env(sections=("model", "batch", "security", "producer", "worker"))
+    from imgpipe.worker.cli import plan_devices
+
+    processes = len(plan_devices(device, concurrency or settings.worker.concurrency))
     options = _Options(
         data=data,
         counts={"digits": images, "photos": photos},
         rounds=rounds,
         workers=workers,
+        processes=processes,
+        explicit_lanes=os.environ.get(f"{ENV_PREFIX}DECODE_THREADS", "0") not in ("", "0"),
         batch_size=batch_size or settings.batch.max_batch,
         chunk_size=chunk_size or settings.producer.chunk_size,
         paths=paths,
@@ -201,6 +214,7 @@ def bench(
         "settings": {
             "rounds": rounds,
             "workers": workers,
+            "processes_per_worker": processes,
             "batch_size": options.batch_size,
             "chunk_size": options.chunk_size,
         },
@@ -243,6 +257,8 @@ class _Options:
     counts: dict[str, int]
     rounds: int
     workers: int
+    processes: int  # of each worker command (IMGPIPE_CONCURRENCY)
+    explicit_lanes: bool  # IMGPIPE_DECODE_THREADS was set: every worker process gets that many lanes
     batch_size: int
     chunk_size: int
     paths: int
@@ -284,7 +300,11 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
             from imgpipe.bench.pipeline import Workers
 
             common: dict[str, Any] = {"count": o.workers, "model": workload.model, "roots": workload.images.parent}
-            env = {f"{ENV_PREFIX}DEVICE": o.device, f"{ENV_PREFIX}DECODE_THREADS": str(o.decode_threads)}
+            # Each worker command as a user starts it: its processes share the cores (worker/cli.py share_cores)
+            # unless the lanes were chosen.
+            env = {f"{ENV_PREFIX}DEVICE": o.device, f"{ENV_PREFIX}CONCURRENCY": str(o.processes)}
+            if o.explicit_lanes:
+                env[f"{ENV_PREFIX}DECODE_THREADS"] = str(o.decode_threads)
             if o.torch_threads:
                 env[f"{ENV_PREFIX}TORCH_THREADS"] = str(o.torch_threads)
             sets = {}

@@ -61,8 +61,9 @@ def _finished(status: JobStatus) -> JobStatus | None:
 
 
 class Workers:
-    """``count`` warm `imgpipe worker` processes (one Celery process each) on database ``db`` of a scratch
-    Redis, with ``env`` on top of a clean environment (no IMGPIPE_* of the caller's)."""
+    """``count`` warm `imgpipe worker` commands on database ``db`` of a scratch Redis, each running
+    IMGPIPE_CONCURRENCY processes (``env``; default 1), with ``env`` on top of a clean environment (no IMGPIPE_*
+    of the caller's)."""
 
     def __init__(
         self, redis_url: str, db: int, workdir: Path, *, count: int, model: Path, roots: Path, env: dict[str, str]
@@ -76,7 +77,7 @@ class Workers:
             "PYTHONUNBUFFERED": "1",
             f"{ENV_PREFIX}REDIS_URL": self.settings.url,
             f"{ENV_PREFIX}ALLOWED_ROOTS": str(roots),
-            f"{ENV_PREFIX}CONCURRENCY": "1",
+            f"{ENV_PREFIX}CONCURRENCY": "1",  # unless env says
             f"{ENV_PREFIX}MODEL": str(model),
             f"{ENV_PREFIX}METRICS_PORT": "0",
             f"{ENV_PREFIX}METRICS_BIND": "127.0.0.1",
@@ -94,7 +95,8 @@ class Workers:
 
     def wait_ready(self) -> None:
         try:
-            self.ports = [proc.wait_ready() for proc in self.procs]
+            processes = int(self.env[f"{ENV_PREFIX}CONCURRENCY"])
+            self.ports = [proc.wait_ready(processes) for proc in self.procs]
         except ProcessError as exc:
             raise BenchError(str(exc)) from None
 
