@@ -18,7 +18,7 @@ from imgpipe.settings import BatchSettings, RedisSettings, SecuritySettings, Set
 from imgpipe.worker import metrics
 from imgpipe.worker.app import make_app, prefetch
 from imgpipe.worker.batcher import Batcher
-from imgpipe.worker.cli import plan_devices, share_cores
+from imgpipe.worker.cli import plan_devices, share_cores, visible_gpus
 from tests.images import write_bad, write_good
 
 
@@ -39,6 +39,18 @@ def test_device_plan_without_a_gpu_is_the_cpu_or_a_clear_error() -> None:
     assert plan_devices("auto", None) == ["cpu"] * threads.cpu_processes()
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         plan_devices("cuda", None)
+
+
+def test_a_host_without_gpu_device_nodes_has_no_gpu_without_importing_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    assert visible_gpus(tmp_path) == 0  # an empty /dev: no /dev/nvidia0, no /dev/kfd
+    # The supervisor of CPU processes plans them without torch (a CPU host: no GPU device node here).
+    code = "import sys; from imgpipe.worker import cli; cli.plan_devices('auto', None); print('torch' in sys.modules)"
+    if visible_gpus() == 0:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "False"
 
 
 def test_device_plan_with_gpus_is_one_process_per_gpu() -> None:

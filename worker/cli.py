@@ -140,12 +140,20 @@ def plan_devices(device: str, concurrency: int | None) -> list[str]:
         return ["cpu"] * (concurrency or threads.cpu_processes())
     if spec.index is not None:  # one fixed GPU: each process checks it exists
         return [str(spec)] * (concurrency or 1)
-    import torch  # counting GPUs here creates no CUDA context, and children are new interpreters anyway
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if gpus == 0 and spec.kind == "auto":  # no GPU: the CPU's default
         return ["cpu"] * (concurrency or threads.cpu_processes())
     return spec.plan(gpus, concurrency)
+
+
+def visible_gpus(dev: Path = Path("/dev")) -> int:
+    """GPUs torch can use here. A Linux host with no GPU device node (NVIDIA's /dev/nvidia0.., AMD's /dev/kfd)
+    has none, known without importing torch: a supervisor of CPU processes stays small (~300 MB less)."""
+    if sys.platform == "linux" and not (dev / "kfd").exists() and not any(dev.glob("nvidia[0-9]*")):
+        return 0
+    import torch  # counting GPUs creates no CUDA context, and children are new interpreters anyway
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @click.command("exporter")
