@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
 import ssl
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -142,3 +147,66 @@ def publish(
         kwargsrepr="{}",
         headers={VERSION_HEADER: VERSION, SENT_HEADER: time.time()},
     )
+
+
+# Protocol 2's third body element (no canvas).
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class Envelopes:
+    """The text ``publish`` puts in a Redis queue, built directly: a Celery task message (protocol 2) in kombu's
+    Redis envelope, field for field what ``app.send_task`` and kombu's Redis transport write (a test compares
+    them), at a tenth of the cost (``send_task`` took ~150 us of the producer's CPU per message: a watched
+    folder or `enqueue --chunk-size 1` spent most of its time there). The Enqueuer pushes these with LPUSH in
+    the same pipeline that raises the job's total, on the queue's priority-0 list (kombu's name for it is the
+    queue's own)."""
+
+    def __init__(self) -> None:
+        self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        self.reply_to = str(uuid.uuid4())
+
+    def text(self, job_id: str, paths: list[str], message_id: str, queue: str) -> str:
+        body = json.dumps([[job_id, paths], {}, _EMBED])
+        summary = f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else repr([job_id, paths])
+        headers = {  # in Celery's order
+            "lang": "py",
+            "task": keys.TASK_CLASSIFY,
+            "id": message_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": message_id,
+            "parent_id": None,
+            "argsrepr": summary,
+            "kwargsrepr": "{}",
+            "origin": self.origin,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+            VERSION_HEADER: VERSION,
+            SENT_HEADER: time.time(),
+        }
+        return json.dumps(
+            {
+                "body": base64.b64encode(body.encode()).decode(),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": headers,
+                "properties": {
+                    "correlation_id": message_id,
+                    "reply_to": self.reply_to,
+                    "argsrepr": summary,
+                    "kwargsrepr": "{}",
+                    "delivery_mode": 2,
+                    "delivery_info": {"exchange": "", "routing_key": queue},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": str(uuid.uuid4()),
+                },
+            }
+        )

@@ -5,17 +5,15 @@ No torch and no worker import here: a producer host needs only Celery and redis-
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import redis
 from celery import Celery
 
 from imgpipe import defaults
-from imgpipe.broker import make_celery, publish
+from imgpipe.broker import Envelopes, make_celery
 from imgpipe.errors import ConfigError
 from imgpipe.jobs import add_pending, add_to_total
 from imgpipe.paths import path_text
@@ -43,7 +41,7 @@ class Enqueuer:
     """Publishes one job's paths as ``imgpipe.classify_chunk`` messages of ``chunk_size`` paths each.
 
     The job's total is raised before the messages that carry those images are published, so a worker can
-    never record more images than the total says. Use as a context manager (it holds a broker connection).
+    never record more images than the total says. Use as a context manager.
     """
 
     def __init__(
@@ -70,19 +68,14 @@ class Enqueuer:
         self.queue = queue  # a pinned job's model queue (imgpipe.jobs.job_queue); None: the default queue
         self.images = 0
         self.messages = 0
-        self._stack = contextlib.ExitStack()
-        self._producer: Any = None
-        self._batch: Any = None
+        self._envelopes: Envelopes | None = None
 
     def __enter__(self) -> Enqueuer:
-        self._producer = self._stack.enter_context(self.app.producer_or_acquire())
-        # kombu >= 5.7 pipelines Redis publishes (one round trip per group); older kombu publishes one by one.
-        if hasattr(self._producer, "batch"):
-            self._batch = self._stack.enter_context(self._producer.batch(self.group_messages * 4))
+        self._envelopes = Envelopes()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        self._envelopes = None
 
     def add(self, paths: Iterable[str]) -> int:
         """Enqueue ``paths`` (consumed lazily, in groups); returns how many were sent."""
@@ -93,18 +86,19 @@ class Enqueuer:
         return sent
 
     def _send_group(self, chunks: list[list[str]]) -> int:
-        if self._producer is None:
+        """One round trip: raise the job's total and its pending messages, then push the messages (in this order
+        on one connection, so no worker can see a message before the total that counts it)."""
+        if self._envelopes is None:
             raise RuntimeError("use Enqueuer as a context manager")
         count = sum(len(chunk) for chunk in chunks)
         ids = [uuid.uuid4().hex for _ in chunks]
+        queue = self.queue or self.app.conf.task_default_queue
         pipe = self.client.pipeline(transaction=False)
         add_to_total(pipe, self.job_id, count, self.ttl_seconds)
         add_pending(pipe, self.job_id, dict(zip(ids, chunks, strict=True)), self.ttl_seconds)
+        texts = [self._envelopes.text(self.job_id, chunk, i, queue) for i, chunk in zip(ids, chunks, strict=True)]
+        pipe.lpush(queue, *texts)
         pipe.execute()
-        for message_id, chunk in zip(ids, chunks, strict=True):
-            publish(self.app, self.job_id, chunk, message_id, producer=self._producer, queue=self.queue)
-        if self._batch is not None:
-            self._batch.flush()
         self.images += count
         self.messages += len(chunks)
         return count

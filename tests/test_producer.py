@@ -120,6 +120,36 @@ def test_enqueue_sends_chunks_by_task_name_as_json(client: redis.Redis, redis_ur
     assert len(sent) == len(set(sent)) == 20_000
 
 
+def test_messages_built_directly_are_field_for_field_what_celery_send_task_writes(
+    client: redis.Redis, redis_url: str
+) -> None:
+    """The Enqueuer builds its messages itself (imgpipe.broker.Envelopes: a tenth of send_task's cost); what
+    lands in Redis must be what Celery and kombu write, every field and type, but for ids, tags and times."""
+    from imgpipe.broker import Envelopes, publish
+    from imgpipe.producer.enqueue import producer_app
+
+    settings = RedisSettings(url=redis_url)
+    app = producer_app(settings)
+    paths = ["/data/caf\u00e9.png", "/data/\udcff.png", "/data/x.png"]  # text, and a byte name's lossless form
+    publish(app, "job-1", paths, "m-celery")
+    client.lpush(settings.queue, Envelopes().text("job-1", paths, "m-direct", settings.queue))
+    direct, celery = (json.loads(item) for item in client.lrange(settings.queue, 0, 1))
+    client.delete(settings.queue)
+
+    volatile = {"id", "root_id", "correlation_id", "delivery_tag", "reply_to", "origin", "imgpipe_sent"}
+
+    def shape(message: dict[str, object]) -> object:
+        if isinstance(message, dict):
+            return {k: (type(v).__name__ if k in volatile else shape(v)) for k, v in message.items()}
+        return message
+
+    body = {m["headers"]["id"]: json.loads(base64.b64decode(m.pop("body"))) for m in (direct, celery)}
+    assert shape(direct) == shape(celery)
+    assert list(direct) == list(celery) and list(direct["headers"]) == list(celery["headers"])
+    assert body["m-direct"] == body["m-celery"] == [["job-1", paths], {}, body["m-celery"][2]]
+    assert direct["headers"]["id"] == direct["headers"]["root_id"] == direct["properties"]["correlation_id"]
+
+
 def test_job_lifecycle_total_seal_and_finish(client: redis.Redis) -> None:
     job_id = create_job(client, None, kind="batch", roots=["/x"], ttl_seconds=TTL)
     with pytest.raises(ConfigError, match="already exists"):
