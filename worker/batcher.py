@@ -28,6 +28,11 @@ from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
 
+# The stage histograms' series of the batcher, looked up once (a labels() call per image cost more than its
+# observation).
+DECODE_SECONDS = metrics.STAGE_SECONDS.labels(stage="decode")
+INFER_SECONDS = metrics.STAGE_SECONDS.labels(stage="infer")
+
 
 class Batcher:
     """Runs images through one engine on the calling thread, up to ``max_batch`` per inference batch; any
@@ -101,7 +106,7 @@ class Batcher:
                 break
             start = time.perf_counter()
             tensors.append(engine.safe_load_image(path))
-            metrics.STAGE_SECONDS.labels(stage="decode").observe(time.perf_counter() - start)
+            DECODE_SECONDS.observe(time.perf_counter() - start)
             self._progress()
         start = time.perf_counter()
         records = engine.records_for(paths[: len(tensors)], tensors)  # error records need no inference
@@ -109,7 +114,7 @@ class Batcher:
         self._progress()
         size = sum(1 for t in tensors if not isinstance(t, ImageError))
         if size:
-            metrics.STAGE_SECONDS.labels(stage="infer").observe(elapsed)
+            INFER_SECONDS.observe(elapsed)
             metrics.BATCH_SIZE.observe(size)
             metrics.observe_device(engine.device)
         done = time.monotonic()

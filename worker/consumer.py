@@ -268,8 +268,17 @@ class Runner:
 
     @staticmethod
     def _enough(images: int) -> Callable[[list[tuple[_Delivery, Work]]], bool]:
-        """``take_more``'s ``full`` for a number of images (a group's messages weigh their images)."""
-        return lambda group: sum(_images(w) for _, w in group) >= images
+        """``take_more``'s ``full`` for a number of images (a group's messages weigh their images), counting
+        each new member once (a group of 64 one-path messages would otherwise be summed 64 times)."""
+        counted = [0, 0]  # members counted, their images
+
+        def full(group: list[tuple[_Delivery, Work]]) -> bool:
+            for _, work in group[counted[0] :]:
+                counted[1] += _images(work)
+            counted[0] = len(group)
+            return counted[1] >= images
+
+        return full
 
     def _work(self, group: list[tuple[_Delivery, Work]]) -> None:
         raws = [d.raw for d, _ in group]

@@ -440,10 +440,14 @@ class Pipeline:
 
     @staticmethod
     def _count(written: Sequence[Record]) -> None:
-        for record in written:
-            metrics.IMAGES.labels(status=record["status"]).inc()
-            if record["status"] != "ok":
-                metrics.ERRORS.labels(reason=record.get("reason", "internal")).inc()
+        """Count records written: one increment per status and error reason, not one per record."""
+        statuses = collections.Counter(record["status"] for record in written)
+        for status, count in statuses.items():
+            metrics.IMAGES.labels(status=status).inc(count)
+        if len(written) > statuses.get("ok", 0):
+            reasons = collections.Counter(r.get("reason", "internal") for r in written if r["status"] != "ok")
+            for reason, count in reasons.items():
+                metrics.ERRORS.labels(reason=reason).inc(count)
 
 
 def _too_slow(count: int, done: list[Record], started: float) -> TooSlow:
