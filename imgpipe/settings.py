@@ -81,7 +81,7 @@ class ExporterSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    concurrency: int | None = None  # None: one process per GPU, or one per CPU host
+    concurrency: int | None = None  # None: one process per GPU, or per core on a CPU host (threads.cpu_processes)
     max_deliveries: int = defaults.MAX_DELIVERIES
     prefetch: int | None = None  # messages held per process; None: (decode threads + 1) x max batch
     health_dir: Path | None = None  # None: <temp dir>/imgpipe-health-<uid> (see imgpipe/health.py)
@@ -170,7 +170,7 @@ VARS: tuple[Var, ...] = (
         "worker",
         "concurrency",
         "optional_int",
-        "worker processes (default: one per GPU, one on a CPU host)",
+        "worker processes (default: one per GPU; on a CPU host one per core, as memory allows at 1 GiB each)",
         1,
     ),
     Var("MAX_DELIVERIES", "worker", "max_deliveries", "int", "deliveries of a message before it is dead-lettered", 1),
@@ -179,7 +179,8 @@ VARS: tuple[Var, ...] = (
         "worker",
         "prefetch",
         "optional_int",
-        "messages one worker process holds (default: (decode threads + 1) x max batch)",
+        "messages one worker process holds (default: (decode threads + 1) x max batch; its images are bounded "
+        "to that many too)",
         1,
     ),
     Var(
