@@ -132,7 +132,7 @@ def run_enqueue_bench(redis_url: str, *, paths: int, chunk_size: int, scan_files
         "imgpipe_enqueuer",
         statistics.median(imgpipe_rates),
         "baseline_send_task",
-        "producer.enqueue: pipelined total + pending records, kombu batch publish, short argsrepr",
+        "producer.enqueue: total, pending records and messages (built directly, LPUSH) in one pipeline per group",
     )
     result.add("scan", scan_rate, None, "producer.scan over the tree (streaming os.scandir), no baseline")
     return result
