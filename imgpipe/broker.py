@@ -168,7 +168,7 @@ class Envelopes:
     def text(self, job_id: str, paths: list[str], message_id: str, queue: str) -> str:
         body = json.dumps([[job_id, paths], {}, _EMBED])
         summary = f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else repr([job_id, paths])
-        headers = {  # in Celery's order
+        headers: dict[str, Any] = {  # in Celery's order
             "lang": "py",
             "task": keys.TASK_CLASSIFY,
             "id": message_id,
