@@ -55,6 +55,7 @@ class _Delivery:
     received: float
     item: Item | None = None
     weight: int = 1  # images it holds: 1 until parsed, then its paths
+    stage: str = "new"  # "passed" to a group or alone thread, "settled" (acknowledged or given back)
 
 
 def parse_delivery(raw: Any, limits: Limits, received: float) -> Item:
@@ -189,10 +190,22 @@ class Runner:
         self._alone.shutdown(wait=False, cancel_futures=True)
 
     def _done(self, deliveries: Sequence[_Delivery]) -> None:
+        """Count deliveries settled (each once): the drain waits for them, the transport's room grows."""
         with self._settled:
-            self._pending -= len(deliveries)
-            self._held -= sum(d.weight for d in deliveries)
+            for d in deliveries:
+                if d.stage != "settled":
+                    d.stage = "settled"
+                    self._pending -= 1
+                    self._held -= d.weight
             self._settled.notify_all()
+
+    def _give_back(self, deliveries: Sequence[_Delivery]) -> None:
+        """After an unexpected error: requeue deliveries not settled (their leases end by the rule)."""
+        for d in deliveries:
+            if d.stage != "settled":
+                requeue(d.raw)
+        self._done(deliveries)
+        self._on_loop(_acked_all, [])
 
     def _lease_loop(self) -> None:
         while True:
@@ -206,8 +219,9 @@ class Runner:
                 self._inbox.put(None)  # for the next turn
             try:
                 self._lease(group)
-            except Exception:  # never lose the thread; the deliveries' leases bring them back
+            except Exception:  # never lose the thread, nor the room the deliveries held: given back
                 log.exception("taking the leases of %d messages failed", len(group))
+                self._give_back([d for d in group if d.stage == "new"])
 
     def _lease(self, group: list[_Delivery]) -> None:
         refused = [d for d in group if d.item is None]
@@ -230,10 +244,12 @@ class Runner:
         settled = list(refused)
         for d, verdict in outcomes:
             if verdict.kind == ALONE:
+                d.stage = "passed"
                 self._alone.submit(self._run_alone, d, verdict)
                 continue
             if verdict.kind == WORK:
                 assert verdict.work is not None
+                d.stage = "passed"
                 self._leased.put((d, verdict.work))
                 continue
             settled.append(d)
@@ -289,7 +305,11 @@ class Runner:
         except Exception:  # never lose the thread; the deliveries' leases bring them back
             log.exception("handling a group of %d messages failed", len(group))
             verdicts = [Verdict(REQUEUE) for _ in group]
-        self._settle([(d, v) for (d, _), v in zip(group, verdicts, strict=True)])
+        try:
+            self._settle([(d, v) for (d, _), v in zip(group, verdicts, strict=True)])
+        except Exception:  # never lose the thread, nor the room the deliveries held
+            log.exception("settling a group of %d messages failed", len(group))
+            self._give_back([d for d, _ in group])
 
     def _parse(self, delivery: _Delivery) -> None:
         try:
