@@ -196,7 +196,6 @@ class Leases:
         self.key_ttl = key_ttl
         self.held: set[str] = set()  # message ids whose lease this process holds
         self._begin_many = client.register_script(BEGIN_MANY_LUA)
-        self._finish_many = client.register_script(FINISH_MANY_LUA)
         self._working_many = client.register_script(WORKING_MANY_LUA)
         self._give_back = client.register_script(GIVE_BACK_LUA)
         self._renew = client.register_script(RENEW_LUA)
@@ -283,7 +282,7 @@ class Leases:
             self.held.discard(message_id)
             args += [message_id, keys.deliveries(message_id), keys.job_pending(job_id)]
         if messages:
-            self._finish_many(keys=[keys.LEASES], args=args, client=pipe)
+            pipe.eval(FINISH_MANY_LUA, 1, keys.LEASES, *args)  # the text, as ResultStore.queue_write does
 
     def release(self, message_id: str) -> None:
         """Forget a lease locally only (a duplicate or a message with no job)."""

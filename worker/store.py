@@ -55,7 +55,6 @@ class ResultStore:
     def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
         self.client = client
         self.ttl_seconds = ttl_seconds
-        self._write = client.register_script(_WRITE_LUA)
 
     def write(
         self,
@@ -86,7 +85,10 @@ class ResultStore:
         argv: list[Any] = [self.ttl_seconds, model, json.dumps(dead_letter) if dead_letter else ""]
         for record in records:
             argv += [record["path"], json.dumps(record, ensure_ascii=False), record["status"]]
-        self._write(keys=[keys.job(job_id), keys.job_results(job_id), keys.DEAD_LETTER], args=argv, client=pipe)
+        # EVAL with the text, not a registered script: redis-py checks a pipeline's registered scripts with a
+        # SCRIPT EXISTS round trip before every execute (a group's write paid two round trips), and an EVALSHA
+        # failing after a Redis restart would not stop the acknowledgements queued beside it.
+        pipe.eval(_WRITE_LUA, 3, keys.job(job_id), keys.job_results(job_id), keys.DEAD_LETTER, *argv)
 
         def read(reply: Any) -> list[Record] | None:
             if not reply or int(reply[0]) == 0:
