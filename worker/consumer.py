@@ -54,7 +54,7 @@ class _Delivery:
     raw: Any  # the kombu message
     received: float
     item: Item | None = None
-    weight: int = 1  # images it holds: 1 until parsed, then its paths
+    weight: int = 1  # images it holds: its paths (1 for a refused message)
     stage: str = "new"  # "passed" to a group or alone thread, "settled" (acknowledged or given back)
 
 
@@ -132,7 +132,7 @@ class Runner:
         self.limits = limits
         self.group_images = max(1, group_images)
         self.hold_images = max(0, hold_images)
-        self._held = 0  # images of the deliveries put and not yet settled (1 each until parsed)
+        self._held = 0  # images of the deliveries put and not yet settled
         self._mean_paths = 0.0  # paths per message of recent deliveries (the estimate for those not yet read)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
         self._leased: queue.SimpleQueue[tuple[_Delivery, Work] | None] = queue.SimpleQueue()
