@@ -142,11 +142,16 @@ def publish(
         task_id=message_id,
         producer=producer,
         queue=queue,
-        # A short summary instead of Celery's repr of every path (which costs more than the publish itself).
-        argsrepr=f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else None,
+        argsrepr=_argsrepr(job_id, paths),
         kwargsrepr="{}",
         headers={VERSION_HEADER: VERSION, SENT_HEADER: time.time()},
     )
+
+
+def _argsrepr(job_id: str, paths: list[str]) -> str:
+    """A short summary of a message's arguments instead of Celery's repr of every path (which cost more than the
+    publish itself)."""
+    return f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else repr([job_id, paths])
 
 
 # Protocol 2's third body element (no canvas).
@@ -167,7 +172,7 @@ class Envelopes:
 
     def text(self, job_id: str, paths: list[str], message_id: str, queue: str) -> str:
         body = json.dumps([[job_id, paths], {}, _EMBED])
-        summary = f"[{job_id!r}, <{len(paths)} paths: {paths[0]!r}...>]" if paths else repr([job_id, paths])
+        summary = _argsrepr(job_id, paths)
         headers: dict[str, Any] = {  # in Celery's order
             "lang": "py",
             "task": keys.TASK_CLASSIFY,

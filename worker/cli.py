@@ -87,8 +87,7 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     if not model_file.is_file():
         raise ConfigError(f"model file not found: {model_file} (set IMGPIPE_MODEL or --model)")
     devices = plan_devices(settings.model.device, settings.worker.concurrency)
-    chosen = overrides.get("decode_threads") or os.environ.get("IMGPIPE_DECODE_THREADS", "0") not in ("", "0")
-    settings = share_cores(settings, len(devices), explicit=bool(chosen))
+    settings = share_cores(settings, len(devices), explicit=lanes_chosen(overrides))
     if len(devices) == 1:
         from imgpipe.worker.run import run_worker
 
@@ -98,6 +97,11 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
 
         code = Supervisor(settings, devices, loglevel).run()
     sys.exit(code)
+
+
+def lanes_chosen(overrides: dict[str, Any]) -> bool:
+    """Whether the lanes were chosen (--decode-threads or IMGPIPE_DECODE_THREADS, not 0) rather than defaulted."""
+    return bool(overrides.get("decode_threads")) or os.environ.get("IMGPIPE_DECODE_THREADS", "0") not in ("", "0")
 
 
 def share_cores(settings: Settings, processes: int, *, explicit: bool) -> Settings:
@@ -136,13 +140,11 @@ def plan_devices(device: str, concurrency: int | None) -> list[str]:
     from imgpipe import threads
 
     spec = parse_device(device)
-    if spec.kind == "cpu":
-        return ["cpu"] * (concurrency or threads.cpu_processes())
     if spec.index is not None:  # one fixed GPU: each process checks it exists
         return [str(spec)] * (concurrency or 1)
-    gpus = visible_gpus()
-    if gpus == 0 and spec.kind == "auto":  # no GPU: the CPU's default
-        return ["cpu"] * (concurrency or threads.cpu_processes())
+    gpus = 0 if spec.kind == "cpu" else visible_gpus()
+    if concurrency is None and spec.resolve(gpus) == "cpu":  # ConfigError for cuda without a GPU
+        concurrency = threads.cpu_processes()
     return spec.plan(gpus, concurrency)
 
 

@@ -122,16 +122,14 @@ class Runner:
     deliveries as they arrive, and group threads run the leased messages in groups: each group's images
     decoded and predicted on its own thread (worker/batcher.py)."""
 
-    def __init__(
-        self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int, hold_images: int = 0
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, limits: Limits, group_images: int, threads: int, hold_images: int) -> None:
         """``threads`` group threads: the lanes (worker/batcher.py) plus one, so that one group forms (or writes
         its records) while the others decode and predict. ``hold_images``: the images this process holds at once
-        (delivered, not yet settled; 0: no bound), for the transport's prefetch (``room``)."""
+        (delivered, not yet settled), for the transport's prefetch (``room``)."""
         self.pipeline = pipeline
         self.limits = limits
         self.group_images = max(1, group_images)
-        self.hold_images = max(0, hold_images)
+        self.hold_images = max(1, hold_images)
         self._held = 0  # images of the deliveries put and not yet settled
         self._mean_paths = 0.0  # paths per message of recent deliveries (the estimate for those not yet read)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
@@ -167,8 +165,6 @@ class Runner:
         """Messages the transport may take now (worker/transport.py): while this process holds fewer images than
         ``hold_images``, as many as the rest would fill at the recent paths per message (at least one). A worker
         takes a share of a chunked job, not all of it: the other workers, processes and hosts get the rest."""
-        if not self.hold_images:
-            return 1 << 30
         with self._lock:
             left = self.hold_images - self._held
             return 0 if left <= 0 else max(1, int(left / (self._mean_paths or 1.0)))

@@ -182,7 +182,7 @@ def bench(
     chosen_workloads = parse_names(workloads, WORKLOADS, "--workload")
     chosen = parse_names(variants, VARIANTS, "--variants")
     settings = Settings.from_env(sections=("model", "batch", "security", "producer", "worker"))
-    from imgpipe.worker.cli import plan_devices
+    from imgpipe.worker.cli import lanes_chosen, plan_devices
 
     processes = len(plan_devices(device, concurrency or settings.worker.concurrency))
     options = _Options(
@@ -191,7 +191,7 @@ def bench(
         rounds=rounds,
         workers=workers,
         processes=processes,
-        explicit_lanes=os.environ.get(f"{ENV_PREFIX}DECODE_THREADS", "0") not in ("", "0"),
+        explicit_lanes=lanes_chosen({}),
         batch_size=batch_size or settings.batch.max_batch,
         chunk_size=chunk_size or settings.producer.chunk_size,
         paths=paths,
