@@ -9,7 +9,9 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import redis
+from PIL import Image
 
 from imgpipe import keys
 from imgpipe.jobs import iter_records
@@ -116,11 +118,23 @@ def test_a_chunked_job_spreads_over_every_worker_instead_of_the_first_one_taking
 ) -> None:
     """Workers hold a bounded number of images, not of messages (worker/app.py ``hold_images``): with a batch of 8
     and one lane each holds 16 images, 2 messages of 8. Before, the prefetch count was 16 messages, and the first
-    worker to wake took 16 of the job's 20 messages while the other idled."""
+    worker to wake took 16 of the job's 20 messages while the other idled.
+
+    Each image takes a while (a 1600x1600 noise PNG, hard-linked 160 times) so that the split is decided by the
+    bound, not by which worker's event loop happened to wake first: with the 8-path digits of write_good one
+    worker could finish the whole job in the 100-odd ms the other took to see its first message."""
     data = tmp_path / "data"
-    images = {str(p) for p in write_good(data, 160)}
+    data.mkdir()
+    big = data / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1600, 1600), dtype=np.uint8)).save(big)
+    images = set()
+    for i in range(160):
+        path = data / f"img{i:03d}.png"
+        os.link(big, path)
+        images.add(str(path))
+    big.unlink()
     ports = [free_port(), free_port()]
-    env = {"IMGPIPE_MAX_BATCH": "8", "IMGPIPE_DECODE_THREADS": "1"}
+    env = {"IMGPIPE_MAX_BATCH": "8", "IMGPIPE_DECODE_THREADS": "1", "IMGPIPE_ALLOW_HARDLINKS": "1"}
     with workers_for(tmp_path, redis_url, data, **env) as workers:
         for port in ports:
             workers.start("--metrics-port", str(port))
