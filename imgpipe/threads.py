@@ -164,7 +164,14 @@ def take_more(
     deadline: float | None = None,
 ) -> bool:
     """Append to ``into`` what ``source`` holds until ``full(into)``: what is there now, and with a ``deadline``
-    (time.monotonic()) what arrives before it. Returns True when the stop sentinel (None) was taken."""
+    (time.monotonic()) what arrives before it. Returns True when the stop sentinel (None) was taken.
+
+    A ``deadline`` needs a ``queue.Queue``: CPython's ``SimpleQueue.get(timeout)`` can wait forever when a put
+    wakes it after its deadline and another consumer has taken the item meanwhile (its remaining timeout turns
+    negative, which the lock reads as "no timeout"; Modules/_queuemodule.c, reproduced on 3.11.7). A worker's
+    group threads share one queue: the last messages of a job waited there until the next delivery (issue 9)."""
+    if deadline is not None and isinstance(source, queue.SimpleQueue):
+        raise TypeError("take_more with a deadline needs a queue.Queue (SimpleQueue.get(timeout) can hang)")
     while not full(into):
         left = 0.0 if deadline is None else deadline - time.monotonic()
         try:

@@ -147,7 +147,7 @@ def test_take_more_takes_what_is_there_then_waits_only_until_its_deadline() -> N
 
     from imgpipe.threads import at_least, take_more
 
-    source: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    source: queue.Queue[int | None] = queue.Queue()
     for i in range(5):
         source.put(i)
     got = [99]
@@ -160,3 +160,35 @@ def test_take_more_takes_what_is_there_then_waits_only_until_its_deadline() -> N
     source.put(8)
     assert take_more(source, got, at_least(10)) is True and got[-1] == 7  # the sentinel stops it, not appended
     assert source.get_nowait() == 8
+
+
+def test_take_more_returns_by_its_deadline_when_another_consumer_takes_the_item_that_woke_it() -> None:
+    """The stall of the worker's group threads (a job's last messages held until the next delivery): a put wakes
+    the waiting thread, this thread takes the item first and holds the GIL past the waiter's deadline. CPython's
+    SimpleQueue.get(timeout) then waits forever (its remaining timeout goes negative); take_more refuses a
+    SimpleQueue with a deadline, and with a Queue it returns."""
+    import queue
+    import threading
+    import time
+
+    from imgpipe.threads import at_least, take_more
+
+    simple: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    with pytest.raises(TypeError, match=r"needs a queue\.Queue"):
+        take_more(simple, [], at_least(1), time.monotonic() + 0.01)
+    for _ in range(5):
+        source: queue.Queue[int | None] = queue.Queue()
+        returned = threading.Event()
+
+        def wait_briefly(source: queue.Queue[int | None] = source, returned: threading.Event = returned) -> None:
+            take_more(source, [], at_least(1), time.monotonic() + 0.002)
+            returned.set()
+
+        threading.Thread(target=wait_briefly, daemon=True).start()
+        time.sleep(0.001)  # the waiter is blocked in its timed get
+        source.put(1)
+        source.get_nowait()  # taken before the waiter runs again
+        spin_until = time.perf_counter() + 0.01
+        while time.perf_counter() < spin_until:  # holding the GIL past the waiter's deadline
+            pass
+        assert returned.wait(2.0), "take_more waited past its deadline"

@@ -133,7 +133,8 @@ class Runner:
         self._held = 0  # images of the deliveries put and not yet settled
         self._mean_paths = 0.0  # paths per message of recent deliveries (the estimate for those not yet read)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
-        self._leased: queue.SimpleQueue[tuple[_Delivery, Work] | None] = queue.SimpleQueue()
+        # A Queue, not a SimpleQueue: the group threads wait on it with a deadline (imgpipe/threads.py take_more).
+        self._leased: queue.Queue[tuple[_Delivery, Work] | None] = queue.Queue()
         self._lease_thread = threading.Thread(target=self._lease_loop, name="imgpipe-lease", daemon=True)
         self._threads = [
             threading.Thread(target=self._work_loop, name=f"imgpipe-group-{i}", daemon=True) for i in range(threads)
