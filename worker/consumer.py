@@ -168,7 +168,11 @@ class Runner:
         takes a share of a chunked job, not all of it: the other workers, processes and hosts get the rest."""
         with self._lock:
             left = self.hold_images - self._held
-            return 0 if left <= 0 else max(1, int(left / (self._mean_paths or 1.0)))
+            if left <= 0:
+                return 0
+            if not self._mean_paths:  # nothing seen yet: one message, whose size then sets the estimate
+                return 1
+            return max(1, int(left / self._mean_paths))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every delivery is settled (``pipeline.stopping`` set: those not started go back)."""

@@ -52,16 +52,15 @@ def _describe(message: Any, reason: str) -> str:
     return repr(message)[:200]
 
 
-# Takes up to ARGV[1] more messages from the list KEYS[1] and records each as delivered and unacknowledged,
-# in kombu's own format (KEYS[2]: its unacked hash, tag -> [message, exchange, routing key]; KEYS[3]: its index,
-# tag -> ARGV[2], the time), all in one step; returns {flag, raw message, ...} (flag '1': recorded; '0': not a
-# kombu message, taken off the queue only, for the gate to refuse). The raw text is kept as sent (re-encoding
-# it with cjson would turn empty JSON arrays into objects).
+# Records ARGV[3] (the message BRPOP just returned, if given) and takes up to ARGV[1] more messages from the list
+# KEYS[1], each recorded as delivered and unacknowledged in kombu's own format (KEYS[2]: its unacked hash, tag ->
+# [message, exchange, routing key]; KEYS[3]: its index, tag -> ARGV[2], the time), all in one step; returns
+# {flag, raw message, ...} in that order (flag '1': recorded; '0': not a kombu message, taken off the queue only,
+# for the gate to refuse). The raw text is kept as sent (re-encoding it with cjson would turn empty JSON arrays
+# into objects).
 TAKE_LUA = """
 local out = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('RPOP', KEYS[1])
-  if not raw then break end
+local function record(raw)
   local ok, m = pcall(cjson.decode, raw)
   local tag, info
   if ok and type(m) == 'table' and type(m['properties']) == 'table' then
@@ -77,6 +76,12 @@ for _ = 1, tonumber(ARGV[1]) do
     out[#out + 1] = '0'
   end
   out[#out + 1] = raw
+end
+if ARGV[3] then record(ARGV[3]) end
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  record(raw)
 end
 return out
 """
@@ -121,10 +126,12 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _take: Any = None  # TAKE_LUA, registered on first use
+    _take_client: Any = None  # the client it runs on (one per pool: kombu builds a new client per acquire)
 
     def _brpop_read(self, **options: Any) -> bool:
-        """kombu's BRPOP read (one message), then as many more as the prefetch count allows in one step: a
-        worker taking one-path messages no longer pays a BRPOP and a MULTI/EXEC round trip for each."""
+        """kombu's BRPOP read (one message), then, in one TAKE_LUA step, that message recorded as unacknowledged
+        and as many more taken as the room allows: a worker taking one-path messages pays a BRPOP and one Lua
+        call for a run of messages, not a BRPOP and a MULTI/EXEC for each."""
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -136,13 +143,12 @@ class Channel(kombu_redis.Channel):
             key, item = bytes_to_str(reply[0]), reply[1]
             dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self._deliver_raw(item, dest)
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu's own reset (annotated bool there)
             flush: Any = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
-        self._take_more(key, dest)
+        self._take_with(key, dest, item)
         return True
 
     def _deliver_raw(self, item: Any, dest: str, recorded: bool = False) -> None:
@@ -158,17 +164,25 @@ class Channel(kombu_redis.Channel):
             self.qos.recorded.add(str(payload["properties"]["delivery_tag"]))
         self.connection._deliver(payload, dest)
 
-    def _take_more(self, key: str, dest: str) -> None:
+    def _take_with(self, key: str, dest: str, first: Any) -> None:
+        """Record ``first`` (taken by BRPOP) and take more within the room (it counts ``first``); deliver them in
+        order. If the step fails, ``first`` is delivered the kombu way (its QoS records it, or the error stops
+        the consumer as it would have)."""
         qos = self.qos
-        room = min(TAKE_MAX, qos.room()) if isinstance(qos, QoS) else 0
-        if room <= 0:
-            return
-        with self.conn_or_acquire() as client:
+        more = max(0, min(TAKE_MAX, qos.room()) - 1) if isinstance(qos, QoS) else 0
+        try:
+            client = self._take_client
+            if client is None or client.connection_pool is not self.pool:
+                client = self._take_client = self._create_client()
             if self._take is None:
                 self._take = client.register_script(TAKE_LUA)
             reply = self._take(
-                keys=[key, qos.unacked_key, qos.unacked_index_key], args=[room, time.time()], client=client
+                keys=[key, qos.unacked_key, qos.unacked_index_key], args=[more, time.time(), first], client=client
             )
+        except Exception as exc:  # Redis failed: messages it took meanwhile come back with the visibility timeout
+            log.warning("recording a delivery failed (%s); recording it the kombu way", exc)
+            self._deliver_raw(first, dest)
+            return
         for i in range(0, len(reply), 2):
             self._deliver_raw(reply[i + 1], dest, recorded=reply[i] in (b"1", "1"))
 
