@@ -93,8 +93,10 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
         doomed = workers.start()
         job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "8")
         wait_until(  # killed while it holds messages (between two groups it may briefly hold none)
-            lambda: sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40
-            and client.hlen("unacked") > 0,
+            lambda: (
+                sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40
+                and client.hlen("unacked") > 0
+            ),
             60,
             "40 records written, messages held",
             interval=0.005,
