@@ -316,7 +316,7 @@ def queue_watermark(client: redis.Redis, queue: str) -> float | None:
         message = json.loads(raw)
         sent = message["headers"].get(SENT_HEADER)
         return float(sent) if sent is not None else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -371,7 +371,7 @@ class Reconciler:
         for tag, raw in self.client.hscan_iter(KOMBU_UNACKED, count=500):
             try:
                 entries.append((tag, str(json.loads(raw)[0]["headers"]["id"])))
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError):
                 continue
         pipe = self.client.pipeline(transaction=False)
         for _, message_id in entries:
@@ -437,6 +437,6 @@ def _entry(raw: Any) -> dict[str, Any] | None:
         return None
     try:
         entry = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return entry if isinstance(entry, dict) else None

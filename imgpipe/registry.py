@@ -54,7 +54,7 @@ class WorkerInfo:
             data = {k: v for k, v in data.items() if k in known}
             data["queues"] = tuple(data.get("queues", ()))
             return cls(**data)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             return None
 
 

@@ -7,6 +7,7 @@ good dead-lettered, the queue and kombu's unacknowledged set empty. Counts are m
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -155,6 +156,33 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
         client.lpush("imgpipe", "hello")  # not a kombu message at all
         client.lpush("imgpipe", b"\xff\xfe not even UTF-8")
         client.lpush("imgpipe", "[1, 2, 3]")  # JSON, not a message
+        client.lpush("imgpipe", "[" * 100_000)  # nested past any parser's depth (Python's raises RecursionError)
+        # Shaped like a kombu message, which Redis's Lua cjson reads and records as unacknowledged, but not UTF-8,
+        # which Python's json refuses: its unacknowledged record must go too, or kombu restores it forever.
+        client.lpush(
+            "imgpipe",
+            b'{"body": "\xff", "headers": {}, "content-type": "application/json", "properties": '
+            b'{"delivery_tag": "not-utf8-1", "delivery_info": {"exchange": "", "routing_key": "imgpipe"}}}',
+        )
+        deep_body = base64.b64encode(b"[" * 100_000).decode()  # a well-formed envelope, its body nested too deep
+        client.lpush(
+            "imgpipe",
+            json.dumps(
+                {
+                    "body": deep_body,
+                    "content-encoding": "utf-8",
+                    "content-type": "application/json",
+                    "headers": {"lang": "py", "task": keys.TASK_CLASSIFY, "id": "deep-1"},
+                    "properties": {
+                        "body_encoding": "base64",
+                        "delivery_tag": "deep-tag-1",
+                        "delivery_info": {"exchange": "", "routing_key": "imgpipe"},
+                        "delivery_mode": 2,
+                        "priority": 0,
+                    },
+                }
+            ),
+        )
         send_raw(redis_url, [f"{victim}:results", [good[0]]], "inject-1")  # a job id that names another key
         send_raw(redis_url, [victim, ["/x" * 30] * 5000], "big-1")  # too many paths
         send_raw(redis_url, [victim, "not a list"], "schema-1")
@@ -177,7 +205,7 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
         assert not client.hexists(keys.job_results(victim), "done")  # no counters written into its results
         wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue empty")
         text = scrape(port)
-        for reason, count in {"junk": 3, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
+        for reason, count in {"junk": 6, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
             assert f'imgpipe_messages_refused_total{{reason="{reason}"}} {float(count)}' in text, (reason, text)
         assert worker.proc.poll() is None
         other = _job(client, redis_url, good, [str(data)])  # still serving

@@ -67,8 +67,8 @@ def parse_delivery(raw: Any, limits: Limits, received: float) -> Item:
         raise Refused("message_id", f"message id {str(message_id)[:80]!r} is not valid")
     try:  # JSON only (the transport refused every other content type); kombu's decoder adds an object hook
         body = json.loads(raw.body)
-    except (ValueError, TypeError) as exc:
-        raise Refused("junk", f"body does not decode: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
+        raise Refused("junk", f"body does not decode: {exc.__class__.__name__}: {str(exc)[:200]}") from None
     if not isinstance(body, (list, tuple)) or len(body) != 3:
         raise Refused("schema", "expected a Celery protocol 2 body [args, kwargs, embed]")
     args, kwargs, _embed = body

@@ -55,9 +55,9 @@ def _describe(message: Any, reason: str) -> str:
 # Records ARGV[3] (the message BRPOP just returned, if given) and takes up to ARGV[1] more messages from the list
 # KEYS[1], each recorded as delivered and unacknowledged in kombu's own format (KEYS[2]: its unacked hash, tag ->
 # [message, exchange, routing key]; KEYS[3]: its index, tag -> ARGV[2], the time), all in one step; returns
-# {flag, raw message, ...} in that order (flag '1': recorded; '0': not a kombu message, taken off the queue only,
-# for the gate to refuse). The raw text is kept as sent (re-encoding it with cjson would turn empty JSON arrays
-# into objects).
+# {tag, raw message, ...} in that order (tag: its delivery tag if recorded; '': not a kombu message, taken off the
+# queue only, for the gate to refuse). The raw text is kept as sent (re-encoding it with cjson would turn empty
+# JSON arrays into objects).
 TAKE_LUA = """
 local out = {}
 local function record(raw)
@@ -71,9 +71,9 @@ local function record(raw)
     redis.call('ZADD', KEYS[3], ARGV[2], tag)
     redis.call('HSET', KEYS[2], tag,
       '[' .. raw .. ', ' .. cjson.encode(info['exchange']) .. ', ' .. cjson.encode(info['routing_key']) .. ']')
-    out[#out + 1] = '1'
+    out[#out + 1] = tag
   else
-    out[#out + 1] = '0'
+    out[#out + 1] = ''
   end
   out[#out + 1] = raw
 end
@@ -151,14 +151,17 @@ class Channel(kombu_redis.Channel):
         self._take_with(key, dest, item)
         return True
 
-    def _deliver_raw(self, item: Any, dest: str, recorded: bool = False) -> None:
-        """Deliver one raw queue item; ``recorded``: TAKE_LUA has recorded it as unacknowledged already."""
+    def _deliver_raw(self, item: Any, dest: str, recorded: Any = b"") -> None:
+        """Deliver one raw queue item; ``recorded``: the delivery tag under which TAKE_LUA has recorded it as
+        unacknowledged already (empty: not recorded)."""
         try:
             # The standard library's decoder: kombu's adds an object hook per dict for its typed values
             # ({"__type__": ...}), which no imgpipe message holds (a tenth of a one-path message's cost).
             payload = json.loads(item)
-        except ValueError as exc:  # not JSON (or not UTF-8): refused before delivery
-            refuse("junk", f"not a JSON message: {exc}")
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep: refused here
+            refuse("junk", f"not a JSON message: {exc.__class__.__name__}: {str(exc)[:200]}")
+            if recorded:  # Redis's cjson read it, Python's json does not: kombu would restore it forever
+                self.qos._remove_from_indices(recorded).execute()
             return
         if recorded:
             self.qos.recorded.add(str(payload["properties"]["delivery_tag"]))
@@ -184,7 +187,7 @@ class Channel(kombu_redis.Channel):
             self._deliver_raw(first, dest)
             return
         for i in range(0, len(reply), 2):
-            self._deliver_raw(reply[i + 1], dest, recorded=reply[i] in (b"1", "1"))
+            self._deliver_raw(reply[i + 1], dest, recorded=reply[i])
 
 
 class Transport(kombu_redis.Transport):
