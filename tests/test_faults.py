@@ -142,6 +142,24 @@ def test_special_files_hard_links_and_a_swapped_parent_never_open_anything_outsi
     assert {r["status"] for r in records.values()} >= {"ok"}
 
 
+def _envelope(body: object, message_id: str, **properties: object) -> dict[str, object]:
+    """A kombu Redis envelope of an imgpipe message as Celery writes it, with ``properties`` overridden."""
+    return {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": keys.TASK_CLASSIFY, "id": message_id},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": f"tag-{message_id}",
+            "delivery_info": {"exchange": "", "routing_key": "imgpipe"},
+            "delivery_mode": 2,
+            "priority": 0,
+            **properties,
+        },
+    }
+
+
 def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
@@ -164,25 +182,21 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
             b'{"body": "\xff", "headers": {}, "content-type": "application/json", "properties": '
             b'{"delivery_tag": "not-utf8-1", "delivery_info": {"exchange": "", "routing_key": "imgpipe"}}}',
         )
-        deep_body = base64.b64encode(b"[" * 100_000).decode()  # a well-formed envelope, its body nested too deep
-        client.lpush(
-            "imgpipe",
-            json.dumps(
-                {
-                    "body": deep_body,
-                    "content-encoding": "utf-8",
-                    "content-type": "application/json",
-                    "headers": {"lang": "py", "task": keys.TASK_CLASSIFY, "id": "deep-1"},
-                    "properties": {
-                        "body_encoding": "base64",
-                        "delivery_tag": "deep-tag-1",
-                        "delivery_info": {"exchange": "", "routing_key": "imgpipe"},
-                        "delivery_mode": 2,
-                        "priority": 0,
-                    },
-                }
-            ),
-        )
+        # Well-formed envelopes with a part kombu trips on (each stopped the consumer before): a body nested too
+        # deep, a body encoding other than base64, a body that is no base64 text or no text, a delivery tag
+        # that is a number, a priority that is a word.
+        body = base64.b64encode(json.dumps([[victim, [good[0]]], {}, {}]).encode()).decode()
+        for i, (body_text, properties) in enumerate(
+            [
+                (base64.b64encode(b"[" * 100_000).decode(), {}),
+                (body, {"body_encoding": "rot13"}),
+                ("!!!not base64", {}),
+                (5, {}),
+                (body, {"delivery_tag": 7}),
+                (body, {"priority": "high"}),
+            ]
+        ):
+            client.lpush("imgpipe", json.dumps(_envelope(body_text, f"odd-{i}", **properties)))
         send_raw(redis_url, [f"{victim}:results", [good[0]]], "inject-1")  # a job id that names another key
         send_raw(redis_url, [victim, ["/x" * 30] * 5000], "big-1")  # too many paths
         send_raw(redis_url, [victim, "not a list"], "schema-1")
@@ -205,7 +219,7 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
         assert not client.hexists(keys.job_results(victim), "done")  # no counters written into its results
         wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue empty")
         text = scrape(port)
-        for reason, count in {"junk": 6, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
+        for reason, count in {"junk": 11, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
             assert f'imgpipe_messages_refused_total{{reason="{reason}"}} {float(count)}' in text, (reason, text)
         assert worker.proc.poll() is None
         other = _job(client, redis_url, good, [str(data)])  # still serving

@@ -8,6 +8,7 @@ process only (``install``), under the ``redis`` and ``rediss`` schemes.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -31,17 +32,42 @@ def refuse(reason: str, detail: str) -> None:
 
 
 def check_payload(payload: Any) -> str | None:
-    """Why a decoded queue item is not an imgpipe message (the refusal reason), or None."""
+    """Why a decoded queue item is not an imgpipe message (the refusal reason), or None.
+
+    Everything kombu reads from the envelope before imgpipe sees the message is checked here, so that no item
+    can stop the consumer: a body kombu cannot decode (a body encoding other than base64, a body that is not
+    base64 text, a content encoding other than UTF-8), a delivery tag or route that is not text, a priority
+    that is not a small integer (each of these stopped the worker's consumer with an exception inside kombu)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
         return "junk"
-    if "body" not in payload or not isinstance(payload.get("headers", {}), dict):
+    properties, headers, body = payload["properties"], payload.get("headers", {}), payload.get("body")
+    if not isinstance(headers, dict) or not isinstance(body, str):
+        return "junk"
+    info = properties.get("delivery_info")
+    if not isinstance(properties.get("delivery_tag"), str) or not isinstance(info, dict):
+        return "junk"
+    if not isinstance(info.get("exchange"), str) or not isinstance(info.get("routing_key"), str):
+        return "junk"
+    priority = properties.get("priority", 0)
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= 255):
         return "junk"
     if payload.get("content-type") != "application/json":
         return "content_type"
-    task = payload.get("headers", {}).get("task")
-    if task != keys.TASK_CLASSIFY:
+    if payload.get("content-encoding", "utf-8") not in ("utf-8", "utf8"):
+        return "content_type"
+    if properties.get("body_encoding") != "base64" or not _is_base64(body):
+        return "junk"
+    if headers.get("task") != keys.TASK_CLASSIFY:
         return "unknown_task"
     return None
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        return False
+    return True
 
 
 def _describe(message: Any, reason: str) -> str:
