@@ -197,6 +197,7 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
             ]
         ):
             client.lpush("imgpipe", json.dumps(_envelope(body_text, f"odd-{i}", **properties)))
+        client.lpush("imgpipe", json.dumps({**_envelope(body, "odd-encoding"), "content-encoding": "rot13"}))
         send_raw(redis_url, [f"{victim}:results", [good[0]]], "inject-1")  # a job id that names another key
         send_raw(redis_url, [victim, ["/x" * 30] * 5000], "big-1")  # too many paths
         send_raw(redis_url, [victim, "not a list"], "schema-1")
@@ -219,7 +220,14 @@ def test_hostile_messages_are_refused_counted_and_both_format_versions_run(
         assert not client.hexists(keys.job_results(victim), "done")  # no counters written into its results
         wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue empty")
         text = scrape(port)
-        for reason, count in {"junk": 11, "job_id": 1, "too_many_paths": 1, "schema": 1, "version": 1}.items():
+        for reason, count in {
+            "junk": 11,
+            "content_type": 1,
+            "job_id": 1,
+            "too_many_paths": 1,
+            "schema": 1,
+            "version": 1,
+        }.items():
             assert f'imgpipe_messages_refused_total{{reason="{reason}"}} {float(count)}' in text, (reason, text)
         assert worker.proc.poll() is None
         other = _job(client, redis_url, good, [str(data)])  # still serving

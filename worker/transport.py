@@ -72,7 +72,8 @@ def _is_base64(text: str) -> bool:
 
 def _describe(message: Any, reason: str) -> str:
     if reason == "content_type":
-        return f"content type {message.get('content-type')!r} (only application/json is accepted)"
+        kind, encoding = message.get("content-type"), message.get("content-encoding", "utf-8")
+        return f"content type {kind!r}, encoding {encoding!r} (only application/json in UTF-8 is accepted)"
     if reason == "unknown_task":
         return f"task {message.get('headers', {}).get('task')!r}"
     return repr(message)[:200]
