@@ -6,7 +6,6 @@ whose job has expired from Redis is dropped whenever the list is read, so dead l
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import redis
 
 from imgpipe import keys
 from imgpipe.jobs import add_pending
+from imgpipe.untrusted import loads
 
 # KEYS: job, results. ARGV: paths... Removes the dead_letter records of these paths, uncounts them and reopens
 # the job; returns how many were removed.
@@ -45,7 +45,7 @@ def entries(client: redis.Redis, job_id: str | None = None) -> list[tuple[bytes,
     found = []
     for raw in reversed(client.lrange(keys.DEAD_LETTER, 0, -1)):
         try:
-            entry = json.loads(raw)
+            entry = loads(raw)
             job = str(entry["job"])
         except (ValueError, KeyError, TypeError):
             client.lrem(keys.DEAD_LETTER, 1, raw)

@@ -21,6 +21,7 @@ import redis
 from imgpipe import defaults, keys
 from imgpipe.errors import ConfigError
 from imgpipe.records import Record
+from imgpipe.untrusted import loads
 
 # Jobs read per sample, newest first: bounds the Redis work of one scrape however many jobs are kept.
 MAX_JOBS_READ = 10_000
@@ -371,7 +372,7 @@ def delete_job(client: redis.Redis, job_id: str) -> int:
 
 def _dead_letter_job(raw: Any) -> str | None:
     try:
-        entry = json.loads(raw)
+        entry = loads(raw)
     except ValueError:
         return None
     return entry.get("job") if isinstance(entry, dict) else None

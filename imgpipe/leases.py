@@ -22,6 +22,7 @@ import redis
 from imgpipe import defaults, keys
 from imgpipe.jobs import FINISH_IF_COMPLETE_LUA, as_text, is_cancelled, job_queue
 from imgpipe.messages import SENT_HEADER
+from imgpipe.untrusted import loads
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class Leases:
         self.held.add(message_id)
         roots_raw = as_text(reply[4])
         try:
-            roots = json.loads(roots_raw) if roots_raw else None
+            roots = loads(roots_raw) if roots_raw else None
         except ValueError:
             roots = None
         return Begun(
@@ -313,10 +314,10 @@ def queue_watermark(client: redis.Redis, queue: str) -> float | None:
     if raw is None:
         return time.time()
     try:
-        message = json.loads(raw)
+        message = loads(raw)
         sent = message["headers"].get(SENT_HEADER)
         return float(sent) if sent is not None else None
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -370,8 +371,8 @@ class Reconciler:
         entries = []
         for tag, raw in self.client.hscan_iter(KOMBU_UNACKED, count=500):
             try:
-                entries.append((tag, str(json.loads(raw)[0]["headers"]["id"])))
-            except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+                entries.append((tag, str(loads(raw)[0]["headers"]["id"])))
+            except (ValueError, KeyError, IndexError, TypeError):
                 continue
         pipe = self.client.pipeline(transaction=False)
         for _, message_id in entries:
@@ -436,7 +437,7 @@ def _entry(raw: Any) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        entry = json.loads(raw)
-    except (ValueError, RecursionError):
+        entry = loads(raw)
+    except ValueError:
         return None
     return entry if isinstance(entry, dict) else None

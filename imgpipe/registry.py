@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from imgpipe import defaults, keys
+from imgpipe.untrusted import loads
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,12 @@ class WorkerInfo:
         """The record, or None for anything that is not a heartbeat (never an exception). Fields this version
         does not know are ignored, so that a newer worker's heartbeat still reads during a rolling upgrade."""
         try:
-            data = json.loads(raw)
+            data = loads(raw)
             known = {f.name for f in fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
             data["queues"] = tuple(data.get("queues", ()))
             return cls(**data)
-        except (ValueError, TypeError, AttributeError, RecursionError):
+        except (ValueError, TypeError, AttributeError):
             return None
 
 

@@ -187,3 +187,12 @@ def test_one_stuck_lane_shows_as_a_stall_while_the_other_lanes_go_on(tmp_path: P
         release.set()
         assert blocked.result(60)[0]["status"] == "ok"
     assert batcher.health() == {"busy": 0, "progress": batcher.last_progress}
+
+
+def test_untrusted_json_fails_only_with_value_error_even_nested_past_the_parsers_depth() -> None:
+    from imgpipe.untrusted import loads
+
+    assert loads(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    for text in ("[" * 100_000, b"\xff\xfe", "{", '{"a": 1}}'):
+        with pytest.raises(ValueError):
+            loads(text)

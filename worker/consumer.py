@@ -19,7 +19,6 @@ the prefetch slot and wakes the loop). A message given back is rejected with req
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import re
@@ -34,6 +33,7 @@ from kombu.transport import virtual
 
 from imgpipe.messages import VERSION_HEADER, Limits, Refused, parse
 from imgpipe.threads import at_least, take_more
+from imgpipe.untrusted import loads
 from imgpipe.worker import metrics
 from imgpipe.worker.pipeline import ACK, ACKED, ALONE, REQUEUE, WORK, GiveBack, Item, Pipeline, Verdict, Work
 
@@ -66,8 +66,8 @@ def parse_delivery(raw: Any, limits: Limits, received: float) -> Item:
     if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
         raise Refused("message_id", f"message id {str(message_id)[:80]!r} is not valid")
     try:  # JSON only (the transport refused every other content type); kombu's decoder adds an object hook
-        body = json.loads(raw.body)
-    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
+        body = loads(raw.body)
+    except (ValueError, TypeError) as exc:
         raise Refused("junk", f"body does not decode: {exc.__class__.__name__}: {str(exc)[:200]}") from None
     if not isinstance(body, (list, tuple)) or len(body) != 3:
         raise Refused("schema", "expected a Celery protocol 2 body [args, kwargs, embed]")

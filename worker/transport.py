@@ -9,7 +9,6 @@ process only (``install``), under the ``redis`` and ``rediss`` schemes.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
 from imgpipe import keys
+from imgpipe.untrusted import loads
 from imgpipe.worker import metrics
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,8 @@ class Channel(kombu_redis.Channel):
         try:
             # The standard library's decoder: kombu's adds an object hook per dict for its typed values
             # ({"__type__": ...}), which no imgpipe message holds (a tenth of a one-path message's cost).
-            payload = json.loads(item)
-        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep: refused here
+            payload = loads(item)
+        except ValueError as exc:  # not JSON, not UTF-8, nested too deep: refused here
             refuse("junk", f"not a JSON message: {exc.__class__.__name__}: {str(exc)[:200]}")
             if recorded:  # Redis's cjson read it, Python's json does not: kombu would restore it forever
                 self.qos._remove_from_indices(recorded).execute()
