@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from imgpipe import threads
+from imgpipe import defaults, threads
 from imgpipe.devices import parse_device
 from imgpipe.errors import ImageError
 from imgpipe.model import export, jit, modelfile, oom
@@ -137,6 +137,11 @@ class Engine:
 
         A CUDA out-of-memory error splits the batch in halves and retries them (model/oom.py), down to single
         images, so a batch too big for the device still gets every prediction and no message is charged."""
+        if not self._cuda and batch.shape[0] > defaults.CPU_INFER_BATCH:  # in pieces the caches hold
+            step = defaults.CPU_INFER_BATCH
+            return [
+                top for start in range(0, batch.shape[0], step) for top in self.predict(batch[start : start + step])
+            ]
         return oom.run_split_on_oom(
             lambda rows: self._predict_rows(batch[rows[0] : rows[-1] + 1]),
             range(batch.shape[0]),
