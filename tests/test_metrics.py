@@ -513,3 +513,46 @@ def test_read_jobs_skips_expired_hashes(redis_url: str) -> None:
     client.zadd(keys.JOBS, {"expired": time.time()})
     jobs = read_jobs(client)
     assert [(j.job_id, j.backlog, j.active) for j in jobs] == [("kept", 1, True)]
+
+
+OBSERVE_MANY_SCRIPT = """
+import json, os, sys
+from prometheus_client import CollectorRegistry, Histogram
+from imgpipe.worker import metrics
+
+registry = CollectorRegistry()
+buckets = (0.001, 0.01, 0.1, 1.0)
+one = Histogram("one_by_one", "h", ["stage"], buckets=buckets, registry=registry).labels(stage="decode")
+many = Histogram("together", "h", ["stage"], buckets=buckets, registry=registry).labels(stage="decode")
+amounts = [0.0, 0.0005, 0.001, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.99, 1.0, 1.5, 300.0]
+for amount in amounts:
+    one.observe(amount)
+metrics.observe_many(many, amounts)
+metrics.observe_many(many, [])
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    from prometheus_client import multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+out = {}
+for family in registry.collect():
+    for sample in family.samples:
+        if not sample.name.endswith("_created"):
+            out[sample.name + json.dumps(sorted(sample.labels.items()))] = sample.value
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiprocess"])
+def test_observe_many_counts_as_observing_one_by_one(multiprocess: bool, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != metrics.MULTIPROC_ENV}
+    if multiprocess:
+        env[metrics.MULTIPROC_ENV] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", OBSERVE_MANY_SCRIPT], env=env, capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    samples = json.loads(out)
+    one = {k.replace("one_by_one", "h"): v for k, v in samples.items() if k.startswith("one_by_one")}
+    many = {k.replace("together", "h"): v for k, v in samples.items() if k.startswith("together")}
+    assert one and one == many
+    assert many['h_bucket[["le", "0.001"], ["stage", "decode"]]'] == 4  # 0.001 itself is in the 0.001 bucket
+    assert many['h_count[["stage", "decode"]]'] == 12

@@ -101,13 +101,15 @@ class Batcher:
     def _run_batch(self, paths: Sequence[str], received: Sequence[float], deadline: float | None) -> list[Record]:
         engine = self.engine  # one model per batch, even if a reload swaps it meanwhile
         tensors = []
+        decoded: list[float] = []  # seconds per image, observed together after the batch (metrics.observe_many)
         for path in paths:
             if deadline is not None and time.monotonic() > deadline:
                 break
             start = time.perf_counter()
             tensors.append(engine.safe_load_image(path))
-            DECODE_SECONDS.observe(time.perf_counter() - start)
+            decoded.append(time.perf_counter() - start)
             self._progress()
+        metrics.observe_many(DECODE_SECONDS, decoded)
         start = time.perf_counter()
         records = engine.records_for(paths[: len(tensors)], tensors)  # error records need no inference
         elapsed = time.perf_counter() - start
@@ -118,10 +120,10 @@ class Batcher:
             metrics.BATCH_SIZE.observe(size)
             metrics.observe_device(engine.device)
         done = time.monotonic()
-        for at in received[: len(tensors)]:
-            metrics.IMAGE_LATENCY.observe(done - at)
+        latencies = [done - at for at in received[: len(tensors)]]
+        metrics.observe_many(metrics.IMAGE_LATENCY, latencies)
         if self.sizer is not None and size:  # throughput hook: feed the adaptive sizer
             self.sizer.observe_batch(size, elapsed)
-            for at in received[: len(tensors)]:
-                self.sizer.observe_latency(done - at)
+            for latency in latencies:
+                self.sizer.observe_latency(latency)
         return records

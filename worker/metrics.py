@@ -15,9 +15,11 @@ unbounded ``pid`` label.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -148,6 +150,29 @@ def in_flight(images: int) -> Iterator[None]:
         yield
     finally:
         IN_FLIGHT.dec(images)
+
+
+def observe_many(histogram: Any, amounts: Iterable[float]) -> None:
+    """``histogram.observe(a)`` for each amount, with one increment per bucket touched and one of the sum.
+
+    In multiprocess mode every increment takes a lock and writes the value's mmap file: two per observation,
+    twice per image (decode time, latency), were a tenth of a one-path message's Python time in the worker.
+    A series without prometheus_client's internals as read here (another version) observes one by one."""
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts: collections.Counter[int] = collections.Counter()
+    summed = 0.0
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1  # the first bound >= amount, as observe() finds it
+        summed += amount
+    if not counts:
+        return
+    total.inc(summed)
+    for index, count in counts.items():
+        buckets[index].inc(count)
 
 
 def observe_device(device: Any) -> None:
