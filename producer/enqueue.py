@@ -6,7 +6,7 @@ No torch and no worker import here: a producer host needs only Celery and redis-
 from __future__ import annotations
 
 import itertools
-import uuid
+import os
 from collections.abc import Iterable, Iterator
 
 import redis
@@ -91,7 +91,7 @@ class Enqueuer:
         if self._envelopes is None:
             raise RuntimeError("use Enqueuer as a context manager")
         count = sum(len(chunk) for chunk in chunks)
-        ids = [uuid.uuid4().hex for _ in chunks]
+        ids = [os.urandom(16).hex() for _ in chunks]  # 128 random bits, as uuid4().hex has 122, at a fifth of the cost
         queue = self.queue or self.app.conf.task_default_queue
         pipe = self.client.pipeline(transaction=False)
         add_to_total(pipe, self.job_id, count, self.ttl_seconds)

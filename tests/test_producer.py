@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import types
+import uuid
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,8 @@ def test_messages_built_directly_are_field_for_field_what_celery_send_task_write
 
     settings = RedisSettings(url=redis_url)
     app = producer_app(settings)
-    paths = ["/data/caf\u00e9.png", "/data/\udcff.png", "/data/x.png"]  # text, and a byte name's lossless form
+    # text, a byte name's lossless form, and what JSON and the envelope's template must escape
+    paths = ["/data/caf\u00e9.png", "/data/\udcff.png", "/data/x.png", '/data/{id} "q" \\ \x01\n\U0001f600.png']
     publish(app, "job-1", paths, "m-celery")
     client.lpush(settings.queue, Envelopes().text("job-1", paths, "m-direct", settings.queue))
     direct, celery = (json.loads(item) for item in client.lrange(settings.queue, 0, 1))
@@ -148,6 +150,24 @@ def test_messages_built_directly_are_field_for_field_what_celery_send_task_write
     assert list(direct) == list(celery) and list(direct["headers"]) == list(celery["headers"])
     assert body["m-direct"] == body["m-celery"] == [["job-1", paths], {}, body["m-celery"][2]]
     assert direct["headers"]["id"] == direct["headers"]["root_id"] == direct["properties"]["correlation_id"]
+    assert direct["headers"]["argsrepr"] == celery["headers"]["argsrepr"]
+
+
+def test_envelopes_fill_their_template_as_json_dumps_would() -> None:
+    """Envelopes serialises the envelope once per queue and fills in each message's values: the text must be
+    what json.dumps writes for the same message, whatever the queue name and paths hold."""
+    from imgpipe.broker import Envelopes
+
+    envelopes = Envelopes()
+    for queue in ("imgpipe", 'odd{queue} "name"'):
+        for paths in (["/a.png"], ["/{0}.png", '/"}{".png', "/\\u0001x\\u0001.png", "/\udcff\u00e9.png"]):
+            text = envelopes.text("job-1", paths, "m-1", queue)
+            message = json.loads(text)
+            assert text == json.dumps(message)
+            assert json.loads(base64.b64decode(message["body"]))[0] == ["job-1", paths]
+            assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+            tag = message["properties"]["delivery_tag"]
+            assert str(uuid.UUID(tag)) == tag and uuid.UUID(tag).version == 4
 
 
 def test_job_lifecycle_total_seal_and_finish(client: redis.Redis) -> None:
