@@ -22,9 +22,10 @@ ENGINE_SECTIONS = ("model", "batch", "security")
 
 def load_engine(settings: Settings) -> Any:
     """The engine for ``settings.model`` (IMGPIPE_MODEL or the bundled one), with the security settings."""
+    from imgpipe import heap
     from imgpipe.model.engine import Engine
 
-    return Engine.load(
+    engine = Engine.load(
         settings.model.resolved_path(),
         settings.model.device,
         topk=settings.model.topk,
@@ -32,6 +33,8 @@ def load_engine(settings: Settings) -> Any:
         torch_threads=settings.batch.torch_threads,
         lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
     )
+    heap.settle()  # torch and the model out of the collector's reach (imgpipe/heap.py)
+    return engine
 
 
 def expand_paths(inputs: tuple[str, ...]) -> Iterator[str]:

@@ -25,7 +25,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     """Load the model, start the group threads and run a Celery consumer here until stopped."""
     from celery import signals
 
-    from imgpipe import known_warnings
+    from imgpipe import heap, known_warnings
     from imgpipe.broker import publish
     from imgpipe.health import HealthReporter, consumer_connected, health_dir
     from imgpipe.jobs import job_queue
@@ -132,6 +132,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             metrics.MODEL_INFO.labels(name=old.metadata.name, sha=old.metadata.sha256[:12]).set(0)
             metrics.describe_worker(str(new.device), new.metadata.name, new.metadata.sha256)
             log.warning("model reloaded: %s -> %s", old.model_id, new.model_id)
+            heap.settle()  # the old model's objects are released, the new one's frozen
 
     def on_hup(_signum: int, _frame: Any) -> None:  # loads off the signal handler (and off the batch thread)
         threading.Thread(target=reload_model, name="imgpipe-reload", daemon=True).start()
@@ -147,6 +148,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         pipeline.stopping.set()
 
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    # Once the consumer is up, everything loaded so far is out of the collector's reach (imgpipe/heap.py).
+    signals.worker_ready.connect(lambda **_: heap.settle(), weak=False)
     log.info(
         "imgpipe worker %d: model %s on %s; queues %s at %s; allowed roots %s; batches of up to %d images "
         "(waiting up to %d ms); %d messages and %d images held at a time, %d images in work%s",

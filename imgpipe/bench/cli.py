@@ -456,11 +456,13 @@ class _LatencyRuns:
 
 def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float]:
     """`imgpipe classify FOLDER -o out.jsonl` in this process, with its model loaded once (warm)."""
+    from imgpipe import heap
     from imgpipe.model.cli import expand_paths
     from imgpipe.model.engine import Engine
     from imgpipe.records import RecordWriter
 
     engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads, lanes=o.decode_threads)
+    heap.settle()  # as `imgpipe classify` does once its model is loaded (model/cli.py load_engine)
     out = tmp / workload.name / "inprocess.jsonl"
 
     def run() -> float:
