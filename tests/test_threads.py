@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -192,3 +193,34 @@ def test_take_more_returns_by_its_deadline_when_another_consumer_takes_the_item_
         while time.perf_counter() < spin_until:  # holding the GIL past the waiter's deadline
             pass
         assert returned.wait(2.0), "take_more waited past its deadline"
+
+
+HEAP_SCRIPT = """
+import gc, json, weakref
+from imgpipe import heap
+
+class Node:
+    pass
+
+kept = [Node() for _ in range(1000)]  # alive when the heap settles: frozen
+garbage = Node()
+garbage.self = garbage  # a cycle that is garbage already: collected, never frozen
+probe = weakref.ref(garbage)
+del garbage
+heap.settle()
+first = {"frozen": gc.get_freeze_count(), "cycle_freed": probe() is None}
+late = Node()
+late.self = late  # garbage made after settling is collected as usual
+late_probe = weakref.ref(late)
+del late
+gc.collect()
+print(json.dumps({**first, "late_freed": late_probe() is None, "tracked_after": len(gc.get_objects())}))
+"""
+
+
+def test_settling_the_heap_collects_the_garbage_then_freezes_what_is_alive() -> None:
+    """imgpipe/heap.py: what is alive once loaded leaves the collector's reach; garbage is not frozen with it."""
+    out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["frozen"] >= 1000 and result["cycle_freed"] and result["late_freed"]
+    assert result["tracked_after"] < result["frozen"]  # full collections now see only what came later
