@@ -8,6 +8,7 @@ lease expired and messages that exist nowhere (the queue's watermark has passed 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,14 +57,20 @@ end
 )
 
 # Begins one message: job, results, deliveries hash, leases zset; message id, owner, lease ttl, job id, key ttl,
-# and its paths. Returns {0} (no job), {2} (leased by another live worker: a duplicate copy) or
+# its paths, the time and ``jobs`` (per job key, what this call read of it: {roots, cancelled, pin}, false when
+# there is no job; a call reads each job once, however many of its messages it begins). Returns {0} (no job),
+# {2} (leased by another live worker: a duplicate copy) or
 # {1, count, error, suspect, roots JSON, culprit, cancelled, pin, recorded(0/1) per path}.
 _BEGIN_ONE_LUA = (
     _RULE_LUA
     + """
-local function begin_one(jk, rk, d, lk, mid, owner, lease_ttl, job_id, key_ttl, paths)
-  if redis.call('EXISTS', jk) == 0 then return {0} end
-  local now = now_seconds()
+local function begin_one(jk, rk, d, lk, mid, owner, lease_ttl, job_id, key_ttl, paths, now, jobs)
+  local job = jobs[jk]
+  if job == nil then
+    job = redis.call('EXISTS', jk) == 1 and redis.call('HMGET', jk, 'roots', 'cancelled', 'pin')
+    jobs[jk] = job
+  end
+  if not job then return {0} end
   local held_by = redis.call('HGET', d, 'owner')
   local expiry = redis.call('ZSCORE', lk, mid)
   if held_by and expiry and tonumber(expiry) > now then return {2} end
@@ -72,7 +79,6 @@ local function begin_one(jk, rk, d, lk, mid, owner, lease_ttl, job_id, key_ttl, 
   redis.call('EXPIRE', d, key_ttl)
   redis.call('ZADD', lk, now + tonumber(lease_ttl), mid)
   local v = redis.call('HMGET', d, 'count', 'error', 'suspect', 'culprit')
-  local job = redis.call('HMGET', jk, 'roots', 'cancelled', 'pin')
   local out = {1, v[1] or '0', v[2] or '', v[3] or '0', job[1] or '', v[4] or '', job[2] or '', job[3] or ''}
   for i = 1, #paths do out[#out + 1] = redis.call('HEXISTS', rk, paths[i]) end
   return out
@@ -85,13 +91,13 @@ end
 BEGIN_MANY_LUA = (
     _BEGIN_ONE_LUA
     + """
-local out, i = {}, 4
+local out, i, now, jobs = {}, 4, now_seconds(), {}
 while i <= #ARGV do
   local n = tonumber(ARGV[i + 5])
   local paths = {}
   for j = 1, n do paths[j] = ARGV[i + 5 + j] end
   out[#out + 1] = begin_one(ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], KEYS[1], ARGV[i], ARGV[1], ARGV[2], ARGV[i + 1],
-    ARGV[3], paths)
+    ARGV[3], paths, now, jobs)
   i = i + 6 + n
 end
 return out
@@ -176,11 +182,23 @@ class Begun:
     count: int = 0  # deliveries charged so far
     last_error: str | None = None
     suspect: bool = False  # runs alone: it was working beside others when its worker died or its batch failed
-    roots: list[str] | None = None  # the job's roots (None: not recorded)
+    roots: tuple[str, ...] | None = None  # the job's roots (None: not recorded)
     todo: tuple[int, ...] = ()  # indices of the message's paths that have no record yet
     culprit: str | None = None  # the path in work when it last failed alone (charged)
     cancelled: bool = False  # the job was cancelled (`imgpipe cancel`): acknowledge without work
     pin: str = ""  # the model the job is pinned to (name@sha12), "" for any
+
+
+@functools.lru_cache(maxsize=64)
+def job_roots(raw: bytes | str | None) -> tuple[str, ...] | None:
+    """A job's roots from their JSON in the job hash (None: not recorded, or not a list); read once per job,
+    not once per message (the messages of a job all carry the same text)."""
+    text = as_text(raw)
+    try:
+        roots = loads(text) if text else None
+    except ValueError:
+        return None
+    return tuple(str(r) for r in roots) if isinstance(roots, list) else None
 
 
 def worker_id() -> str:
@@ -231,17 +249,12 @@ class Leases:
         if code == 2:
             return Begun("duplicate")
         self.held.add(message_id)
-        roots_raw = as_text(reply[4])
-        try:
-            roots = loads(roots_raw) if roots_raw else None
-        except ValueError:
-            roots = None
         return Begun(
             "ok",
             count=int(reply[1]),
             last_error=as_text(reply[2]) or None,
             suspect=as_text(reply[3]) == "1",
-            roots=[str(r) for r in roots] if isinstance(roots, list) else None,
+            roots=job_roots(reply[4]),
             culprit=as_text(reply[5]) or None,
             cancelled=is_cancelled(reply[6] or None),
             pin=as_text(reply[7]) or "",
