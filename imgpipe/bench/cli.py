@@ -553,13 +553,18 @@ def _run_enqueue(redis_url: str, o: _Options) -> dict[str, Any]:
 
 
 def _table(name: str, result: dict[str, Any]) -> str:
-    rates = result["rates"]
-    lines = [f"{name}: {result['what']}; medians of interleaved rounds", f"  {'variant':<14} {'images/s':>10}  what"]
+    rates, rounds = result["rates"], result.get("rounds", {})
+    lines = [
+        f"{name}: {result['what']}; medians of interleaved rounds (and their range: how much the machine moved)",
+        f"  {'variant':<14} {'images/s':>10} {'range':>17}  what",
+    ]
     for variant, rate in rates.items():
         what = WHAT.get(
             variant, "num_workers=" + variant.rsplit("w", 1)[-1] if variant.startswith("dataloader_") else ""
         )
-        lines.append(f"  {variant:<14} {rate:10.1f}  {what}")
+        seen = rounds.get(variant) or []
+        spread = f"{min(seen):.0f}-{max(seen):.0f}" if len(seen) > 1 else ""
+        lines.append(f"  {variant:<14} {rate:10.1f} {spread:>17}  {what}")
     for ratio, value in result["ratios"].items():
         lines.append(f"  {ratio:<22} {'-' if value is None else f'{value:.2f}'}")
     if "bound" in result:
