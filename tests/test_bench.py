@@ -33,12 +33,22 @@ def _check_workload(entry: dict[str, Any], images: int, variants: set[str], roun
     assert set(entry["rounds"]) == variants - {"dataloader"}  # the paced latency runs are in entry["latency"]
     assert all(len(values) == rounds for values in entry["rounds"].values())
     assert set(entry["ratios"]) == {f"{a}/{b}" for a, b in RATIOS}
+    assert set(entry["paired_ratios"]) == set(entry["ratios"])
     for ratio, value in entry["ratios"].items():
         a, b = ratio.split("/")
+        paired = entry["paired_ratios"][ratio]
         if a in variants and b in variants:
             assert value == round(entry["rates"][a] / entry["rates"][b], 2)
+            side = {v: entry["rounds"].get(v) for v in (a, b)}
+            if b == "dataloader":
+                peers = zip(entry["rounds"]["dataloader_w0"], entry["rounds"]["dataloader_w2"], strict=True)
+                side[b] = [max(w) for w in peers]
+            each = sorted(x / y for x, y in zip(side[a], side[b], strict=True))
+            assert list(paired) == ["median", "low", "high"]
+            assert paired["low"] == round(each[0], 2) and paired["high"] == round(each[-1], 2)
+            assert paired["low"] <= paired["median"] <= paired["high"]
         else:
-            assert value is None
+            assert value is None and paired is None
 
 
 def _check_latency(entry: dict[str, Any], target_ms: int, max_batch: int, rounds: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -376,6 +377,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
         after = order.index(f"dataloader_w{PEER_NUM_WORKERS[-1]}") + 1
         rates = {**dict(list(rates.items())[:after]), "dataloader": best, **dict(list(rates.items())[after:])}
     ratios = {f"{a}/{b}": round(rates[a] / rates[b], 2) if a in rates and b in rates else None for a, b in RATIOS}
+    per_round = {v: [round(r, 1) for r in rounds.rates[v]] for v in measured}
+    paired = paired_ratios(per_round)  # from the rates the JSON shows, so that anyone can check them
     if "compute" in rates and "decode" in rates and "inprocess" in rates:
         bound = "compute" if rates["compute"] < rates["decode"] else "decode"
         info["bound"] = bound  # the ceiling that limits the pipeline, and how close inprocess gets to it
@@ -390,9 +393,33 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
         "model": workload.model.name,
         "rates": rates,
         "ratios": ratios,
-        "rounds": {v: [round(r, 1) for r in rounds.rates[v]] for v in measured},
+        "paired_ratios": paired,
+        "rounds": per_round,
         **info,
     }
+
+
+def paired_ratios(per_round: dict[str, list[float]]) -> dict[str, dict[str, float] | None]:
+    """Each ratio of RATIOS taken within each round (the variants ran minutes apart at most, interleaved), as
+    {median, low, high} over the rounds; None where a variant did not run. Beside the ratios of the medians:
+    a round where the machine slowed down slows both sides of its ratio, so these move less between runs. The
+    peer's round is the best of its num_workers in that round."""
+    rates = dict(per_round)
+    peers = [per_round.get(f"dataloader_w{w}") for w in PEER_NUM_WORKERS]
+    if all(peers):
+        rates["dataloader"] = [max(values) for values in zip(*peers, strict=True)]
+    out: dict[str, dict[str, float] | None] = {}
+    for a, b in RATIOS:
+        if not rates.get(a) or not rates.get(b):
+            out[f"{a}/{b}"] = None
+            continue
+        each = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+        out[f"{a}/{b}"] = {
+            "median": round(statistics.median(each), 2),
+            "low": round(min(each), 2),
+            "high": round(max(each), 2),
+        }
+    return out
 
 
 class _LatencyRuns:
@@ -565,8 +592,11 @@ def _table(name: str, result: dict[str, Any]) -> str:
         seen = rounds.get(variant) or []
         spread = f"{min(seen):.0f}-{max(seen):.0f}" if len(seen) > 1 else ""
         lines.append(f"  {variant:<14} {rate:10.1f} {spread:>17}  {what}")
+    paired = result.get("paired_ratios", {})
     for ratio, value in result["ratios"].items():
-        lines.append(f"  {ratio:<22} {'-' if value is None else f'{value:.2f}'}")
+        each = paired.get(ratio)
+        rounds_note = f"   per round {each['median']:.2f} ({each['low']:.2f}-{each['high']:.2f})" if each else ""
+        lines.append(f"  {ratio:<22} {'-' if value is None else f'{value:.2f}'}{rounds_note}")
     if "bound" in result:
         lines.append(f"  bound by {result['bound']:<12} inprocess at {result['inprocess_of_ceiling']:.2f} of it")
     if "per_message_overhead_us" in result:
