@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from imgpipe import threads
 from imgpipe.broker import celery_config, ssl_options, task_time_limit, transport_options
 from imgpipe.errors import ConfigError
 from imgpipe.model.engine import Engine
+from imgpipe.procs import wait_until
 from imgpipe.settings import BatchSettings, RedisSettings, SecuritySettings, Settings
 from imgpipe.worker import metrics
 from imgpipe.worker.app import make_app, prefetch
@@ -196,3 +200,69 @@ def test_untrusted_json_fails_only_with_value_error_even_nested_past_the_parsers
     for text in ("[" * 100_000, b"\xff\xfe", "{", '{"a": 1}}'):
         with pytest.raises(ValueError):
             loads(text)
+
+
+class _HeldPipeline:
+    """Stands in for worker/pipeline.py's Pipeline around the group consumer's scheduling only (no Redis, no
+    model): every delivery is leased as work at once, and each group's work holds the real WorkGate until the
+    test lets that group go. The plan would have a group wait a minute to fill."""
+
+    def __init__(self) -> None:
+        from imgpipe.batching import Plan
+        from imgpipe.worker.pipeline import WorkGate
+
+        self.gate = WorkGate(64)
+        self.stopping = threading.Event()
+        self.batcher = SimpleNamespace(plan=lambda: Plan(64, 60.0))
+        self.leased = 0
+        self.started: queue.Queue[int] = queue.Queue()  # messages per group, as each group starts
+        self.go = [threading.Event() for _ in range(8)]
+
+    def lease_group(self, items: list[Any], queue_acks: Any) -> list[Any]:
+        from imgpipe.worker.pipeline import WORK, Verdict, Work
+
+        self.leased += len(items)
+        return [Verdict(WORK, work=Work(i, item, list(item.message.paths), [])) for i, item in enumerate(items)]
+
+    def work_group(self, work: list[Any], queue_acks: Any) -> list[Any]:
+        from imgpipe.worker.pipeline import ACKED, Verdict
+
+        weight = sum(len(w.good) for w in work)
+        assert self.gate.acquire(weight, self.stopping)
+        try:
+            turn = self.started.qsize()
+            self.started.put(len(work))
+            self.go[turn].wait(60)
+        finally:
+            self.gate.release(weight)
+        return [Verdict(ACKED) for _ in work]
+
+
+def _delivery(number: int) -> SimpleNamespace:
+    body = json.dumps([["job-1", [f"/data/{number}.png"]], {}, {}])
+    return SimpleNamespace(headers={"id": f"m-{number}", "imgpipe_v": 2}, body=body, delivery_tag=f"t-{number}")
+
+
+def test_a_group_waiting_to_fill_starts_as_soon_as_a_lane_frees_with_what_it_gathered() -> None:
+    """worker/consumer.py Runner: while every lane is busy a new group gathers leased messages (its plan would
+    wait a minute); the moment the lane frees it starts with what it has. Before, it waited out the plan's
+    wait (up to IMGPIPE_MAX_WAIT_MS) with the core idle."""
+    from imgpipe.messages import Limits
+    from imgpipe.worker.consumer import Runner
+
+    pipeline = _HeldPipeline()
+    runner = Runner(pipeline, Limits(), group_images=64, threads=2, hold_images=1000).start()
+    try:
+        runner.put(_delivery(1))
+        assert pipeline.started.get(timeout=30) == 1  # an idle worker starts at once
+        runner.put(_delivery(2))
+        runner.put(_delivery(3))
+        # Both offered (three puts in all) and taken: the second lane's group holds them while it fills.
+        wait_until(lambda: runner._leased.unfinished_tasks == 3 and runner._leased.empty(), 30, "the group filling")
+        assert pipeline.started.empty()  # the lane is busy: the new group waits to fill
+        pipeline.go[0].set()  # the first group's lane frees
+        assert pipeline.started.get(timeout=30) == 2  # not a minute later: at once, with both messages
+    finally:
+        for event in pipeline.go:
+            event.set()
+        runner.close()

@@ -128,6 +128,7 @@ class Runner:
         (delivered, not yet settled), for the transport's prefetch (``room``)."""
         self.pipeline = pipeline
         self.limits = limits
+        self.lanes = max(1, threads - 1)  # the group threads that decode and predict at once (one forms the next)
         self.group_images = max(1, group_images)
         self.hold_images = max(1, hold_images)
         self._held = 0  # images of the deliveries put and not yet settled
@@ -135,6 +136,9 @@ class Runner:
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
         # A Queue, not a SimpleQueue: the group threads wait on it with a deadline (imgpipe/threads.py take_more).
         self._leased: queue.Queue[tuple[_Delivery, Work] | None] = queue.Queue()
+        # Notified when leased work arrives or a lane frees: a group waiting to fill looks again (``_fill``).
+        self._changed = threading.Condition()
+        pipeline.gate.on_release = self._poke
         self._lease_thread = threading.Thread(target=self._lease_loop, name="imgpipe-lease", daemon=True)
         self._threads = [
             threading.Thread(target=self._work_loop, name=f"imgpipe-group-{i}", daemon=True) for i in range(threads)
@@ -212,8 +216,7 @@ class Runner:
         while True:
             first = self._inbox.get()
             if first is None:
-                for _ in self._threads:
-                    self._leased.put(None)
+                self._offer(*[None for _ in self._threads])
                 return
             group = [first]
             if take_more(self._inbox, group, at_least(LEASE_MAX)):
@@ -243,6 +246,7 @@ class Runner:
     def _settle(self, outcomes: list[tuple[_Delivery, Verdict]], refused: Sequence[_Delivery] = ()) -> None:
         done: list[Any] = []
         settled = list(refused)
+        leased: list[tuple[_Delivery, Work]] = []
         for d, verdict in outcomes:
             if verdict.kind == ALONE:
                 d.stage = "passed"
@@ -251,7 +255,7 @@ class Runner:
             if verdict.kind == WORK:
                 assert verdict.work is not None
                 d.stage = "passed"
-                self._leased.put((d, verdict.work))
+                leased.append((d, verdict.work))
                 continue
             settled.append(d)
             if verdict.kind == ACKED:
@@ -260,6 +264,8 @@ class Runner:
                 ack(d.raw)
             else:
                 requeue(d.raw)
+        if leased:
+            self._offer(*leased)
         if settled:
             self._done(settled)  # before the loop is woken: its next fetch sees the room
         if done or settled:
@@ -273,15 +279,44 @@ class Runner:
             group = [first]
             # What is leased already goes in, up to a full batch: a backlog is never held back by a smaller plan.
             stop = take_more(self._leased, group, self._enough(self.group_images))
-            if not stop and self.pipeline.gate.used > 0:
-                # While other lanes are busy the group waits to fill, as the plan says (IMGPIPE_MAX_WAIT_MS, or
-                # the latency target's size and wait): its images would wait for a free core anyway, and its
-                # round trips then serve many messages. An idle worker starts at once.
-                plan = self.pipeline.batcher.plan()
-                stop = take_more(self._leased, group, self._enough(plan.size), time.monotonic() + plan.wait_s)
+            if not stop:
+                stop = self._fill(group)
             self._work(group)
             if stop:
                 return
+
+    def _fill(self, group: list[tuple[_Delivery, Work]]) -> bool:
+        """While every lane is busy the group waits to fill, as the plan says (IMGPIPE_MAX_WAIT_MS, or the latency
+        target's size and wait): its images would wait for a core anyway, and its round trips then serve more
+        messages. It starts as soon as a lane frees, full or not: a wait that outlasted the busy lane left the
+        core idle (one-path digits at a steady rate topped out at about half the rate of a backlog). Returns
+        True when the stop sentinel was taken."""
+        gate = self.pipeline.gate
+        if not gate.full_for(self.lanes):
+            return False
+        plan = self.pipeline.batcher.plan()
+        full = self._enough(plan.size)
+        deadline = time.monotonic() + plan.wait_s
+        while not full(group):
+            with self._changed:  # checked under the lock that _offer and _poke notify with: no wake-up is lost
+                left = deadline - time.monotonic()
+                if left <= 0 or not gate.full_for(self.lanes):
+                    return False
+                if self._leased.empty():
+                    self._changed.wait(left)
+            if take_more(self._leased, group, full):
+                return True
+        return False
+
+    def _offer(self, *items: tuple[_Delivery, Work] | None) -> None:
+        """Hand leased work (or the stop sentinels) to the group threads."""
+        for item in items:
+            self._leased.put(item)
+        self._poke()
+
+    def _poke(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     @staticmethod
     def _enough(images: int) -> Callable[[list[tuple[_Delivery, Work]]], bool]:

@@ -92,11 +92,15 @@ class WorkGate:
 
     ``acquire(n)`` waits until ``n`` of ``capacity`` units are free and every earlier caller is served; a
     suspect asks for the whole capacity and so runs alone. Returns False if ``stopping`` is set meanwhile.
+    ``holders`` counts the callers between acquire and release (the groups in decode and inference);
+    ``on_release`` is called after each release (the group consumer: a group waiting to fill looks again).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self.used = 0
+        self.holders = 0
+        self.on_release: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._queue: collections.deque[object] = collections.deque()
 
@@ -111,6 +115,7 @@ class WorkGate:
                         return False
                     self._cond.wait(0.2)
                 self.used += n
+                self.holders += 1
                 return True
             finally:
                 self._queue.remove(ticket)
@@ -120,7 +125,14 @@ class WorkGate:
         n = min(max(1, n), self.capacity)
         with self._cond:
             self.used -= n
+            self.holders -= 1
             self._cond.notify_all()
+        if self.on_release is not None:
+            self.on_release()
+
+    def full_for(self, lanes: int) -> bool:
+        """Every lane holds a group (or one holder took the whole capacity): a new group would wait for a core."""
+        return self.holders >= lanes or self.used >= self.capacity
 
 
 class Pipeline:
