@@ -46,6 +46,7 @@ class BatchSettings:
     decode_threads: int = defaults.DECODE_THREADS  # 0 becomes a count from the cores (imgpipe/threads.py)
     torch_threads: int = defaults.TORCH_THREADS  # 0: chosen per device by the engine (imgpipe/threads.py)
     max_latency_ms: int = defaults.MAX_LATENCY_MS  # 0: adaptive batching off
+    cpu_infer_batch: int = defaults.CPU_INFER_BATCH  # on the CPU, images per forward pass (model/engine.py)
 
     def __post_init__(self) -> None:
         if self.decode_threads == 0:
@@ -192,6 +193,14 @@ VARS: tuple[Var, ...] = (
         "(default: $TMPDIR/imgpipe-health-<uid>)",
     ),
     Var("TORCH_THREADS", "batch", "torch_threads", "int", "torch intra-op threads (0: from the cores and device)", 0),
+    Var(
+        "CPU_INFER_BATCH",
+        "batch",
+        "cpu_infer_batch",
+        "int",
+        "on the CPU, images per forward pass: a larger batch runs through the model in pieces of this size",
+        1,
+    ),
     Var(
         "MAX_LATENCY_MS",
         "batch",

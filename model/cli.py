@@ -32,6 +32,7 @@ def load_engine(settings: Settings) -> Any:
         security=settings.security,
         torch_threads=settings.batch.torch_threads,
         lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
+        cpu_infer_batch=settings.batch.cpu_infer_batch,
     )
     heap.settle()  # torch and the model out of the collector's reach (imgpipe/heap.py)
     return engine

@@ -51,8 +51,12 @@ class Engine:
         security: SecuritySettings | None = None,
         amp: bool = True,
         optimize: bool = True,
+        cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
     ) -> None:
         self.module = module
+        # On the CPU a batch goes through the model in pieces of this many images (IMGPIPE_CPU_INFER_BATCH):
+        # their activations stay in the caches (imgpipe/defaults.py has the measurement).
+        self.cpu_infer_batch = max(1, cpu_infer_batch)
         self.metadata = metadata
         self.device = device
         self.topk = min(topk, len(metadata.labels))
@@ -87,6 +91,7 @@ class Engine:
         security: SecuritySettings | None = None,
         torch_threads: int = 0,
         lanes: int = 0,
+        cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
     ) -> Engine:
         """Load a model file for ``device``; sets this process's torch intra-op threads to ``torch_threads``
         (0: chosen for the device from the cores available and the ``lanes``, the threads that will run batches
@@ -94,7 +99,7 @@ class Engine:
         dev = select_device(device)
         torch.set_num_threads(torch_threads or threads.torch_threads(dev.type, lanes=lanes))
         module, metadata = modelfile.load(Path(path), dev)
-        return cls(module, metadata, dev, topk=topk, security=security)
+        return cls(module, metadata, dev, topk=topk, security=security, cpu_infer_batch=cpu_infer_batch)
 
     @property
     def model_id(self) -> str:
@@ -137,8 +142,8 @@ class Engine:
 
         A CUDA out-of-memory error splits the batch in halves and retries them (model/oom.py), down to single
         images, so a batch too big for the device still gets every prediction and no message is charged."""
-        if not self._cuda and batch.shape[0] > defaults.CPU_INFER_BATCH:  # in pieces the caches hold
-            step = defaults.CPU_INFER_BATCH
+        if not self._cuda and batch.shape[0] > self.cpu_infer_batch:  # in pieces the caches hold
+            step = self.cpu_infer_batch
             return [
                 top for start in range(0, batch.shape[0], step) for top in self.predict(batch[start : start + step])
             ]

@@ -231,14 +231,21 @@ def test_with_imgpipe_reload_a_replaced_model_file_is_loaded_without_a_signal(
         wait_until(lambda: [w.model for w in live_workers(client)] == [new_id], 30, "the heartbeat names beta")
 
 
-def test_a_cpu_batch_runs_in_pieces_the_caches_hold_with_the_same_predictions(default_model: Path) -> None:
-    """On the CPU a batch above defaults.CPU_INFER_BATCH goes through the model in pieces of that size (a
-    224 px model ran half as fast per image in batches of 64 as in 32); every image keeps its prediction."""
+@pytest.mark.parametrize("chosen", [None, 5], ids=["default", "IMGPIPE_CPU_INFER_BATCH=5"])
+def test_a_cpu_batch_runs_in_pieces_the_caches_hold_with_the_same_predictions(
+    default_model: Path, chosen: int | None
+) -> None:
+    """On the CPU a batch above IMGPIPE_CPU_INFER_BATCH (default defaults.CPU_INFER_BATCH) goes through the model
+    in pieces of that size (a 224 px model ran half as fast per image in batches of 64 as in 32); every image
+    keeps its prediction."""
     from imgpipe import defaults
+    from imgpipe.settings import Settings
 
-    engine = Engine.load(default_model, "cpu")
-    step = defaults.CPU_INFER_BATCH
-    size = 2 * step + 6
+    env = {} if chosen is None else {"IMGPIPE_CPU_INFER_BATCH": str(chosen)}
+    step = Settings.from_env(env).batch.cpu_infer_batch
+    assert step == (chosen or defaults.CPU_INFER_BATCH)
+    engine = Engine.load(default_model, "cpu", cpu_infer_batch=step)
+    size = 2 * step + 3
     channels, side = engine.preset.channels, engine.preset.input_size
     batch = torch.randint(0, 256, (size, channels, side, side), dtype=torch.uint8)
     whole = engine._predict_rows(batch)  # one forward pass, as before
@@ -251,7 +258,7 @@ def test_a_cpu_batch_runs_in_pieces_the_caches_hold_with_the_same_predictions(de
 
     engine._predict_rows = counted  # type: ignore[method-assign]
     pieces = engine.predict(batch)
-    assert sizes == [step, step, 6]
+    assert sizes == [step, step, 3]
     assert [[label for label, _ in top] for top in pieces] == [[label for label, _ in top] for top in whole]
     assert all(
         abs(p - q) < 1e-4 for a, b in zip(pieces, whole, strict=True) for (_, p), (_, q) in zip(a, b, strict=True)

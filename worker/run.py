@@ -43,14 +43,19 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
 
     # Far above the lease, group and alone threads plus heartbeat, reconciler and consumer: no MaxConnectionsError.
     client = redis_client(settings.redis, max_connections=prefetch(settings) + 16)
-    engine = Engine.load(
-        settings.model.resolved_path(),
-        device,
-        topk=settings.model.topk,
-        security=settings.security,
-        torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
-        lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
-    )
+
+    def load_engine(path: Path) -> Engine:  # at start and on each reload
+        return Engine.load(
+            path,
+            device,
+            topk=settings.model.topk,
+            security=settings.security,
+            torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
+            lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
+            cpu_infer_batch=settings.batch.cpu_infer_batch,
+        )
+
+    engine = load_engine(settings.model.resolved_path())
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
     server = metrics_server.start_metrics_server(settings.metrics)
     batcher = Batcher(engine, settings.batch)
@@ -111,14 +116,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             old = batcher.engine
             path = settings.model.resolved_path()
             try:
-                new = Engine.load(
-                    path,
-                    device,
-                    topk=settings.model.topk,
-                    security=settings.security,
-                    torch_threads=settings.batch.torch_threads,
-                    lanes=settings.batch.decode_threads,
-                )
+                new = load_engine(path)
             except Exception as exc:  # not ours, tampered, truncated, wrong device: keep serving the old one
                 reason = (str(exc).splitlines() or [exc.__class__.__name__])[0]
                 log.error("model reload refused (%s): %s; still serving %s", path, reason, old.model_id)

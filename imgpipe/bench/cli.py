@@ -201,6 +201,7 @@ def bench(
         digits_model=settings.model.resolved_path().absolute(),
         torch_threads=settings.batch.torch_threads,
         decode_threads=settings.batch.decode_threads,
+        cpu_infer_batch=settings.batch.cpu_infer_batch,
     )
     cpus = threads.available_cpus()
     summary: dict[str, Any] = {
@@ -268,6 +269,7 @@ class _Options:
     digits_model: Path
     torch_threads: int
     decode_threads: int
+    cpu_infer_batch: int
 
 
 def _progress(workload: str, round_: int, rounds: int, variant: str, rate: float) -> None:
@@ -308,6 +310,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 env[f"{ENV_PREFIX}DECODE_THREADS"] = str(o.decode_threads)
             if o.torch_threads:
                 env[f"{ENV_PREFIX}TORCH_THREADS"] = str(o.torch_threads)
+            env[f"{ENV_PREFIX}CPU_INFER_BATCH"] = str(o.cpu_infer_batch)
             sets = {}
             if "naive" in queue_variants:
                 sets["naive"] = stack.enter_context(
@@ -481,14 +484,26 @@ class _LatencyRuns:
         return result
 
 
+def _engine(workload: Workload, o: _Options) -> Any:
+    """The engine of ``workload``'s model, loaded as `imgpipe classify` loads it with the bench's settings."""
+    from imgpipe.model.engine import Engine
+
+    return Engine.load(
+        workload.model,
+        o.device,
+        torch_threads=o.torch_threads,
+        lanes=o.decode_threads,
+        cpu_infer_batch=o.cpu_infer_batch,
+    )
+
+
 def _inprocess(workload: Workload, tmp: Path, o: _Options) -> Callable[[], float]:
     """`imgpipe classify FOLDER -o out.jsonl` in this process, with its model loaded once (warm)."""
     from imgpipe import heap
     from imgpipe.model.cli import expand_paths
-    from imgpipe.model.engine import Engine
     from imgpipe.records import RecordWriter
 
-    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads, lanes=o.decode_threads)
+    engine = _engine(workload, o)
     heap.settle()  # as `imgpipe classify` does once its model is loaded (model/cli.py load_engine)
     out = tmp / workload.name / "inprocess.jsonl"
 
@@ -517,10 +532,9 @@ def _ceilings(workload: Workload, o: _Options) -> tuple[Callable[[], float], Cal
 
     import torch
 
-    from imgpipe.model.engine import Engine
     from imgpipe.model.preprocess import stack
 
-    engine = Engine.load(workload.model, o.device, torch_threads=o.torch_threads, lanes=o.decode_threads)
+    engine = _engine(workload, o)
     paths = sorted(str(p) for p in workload.images.iterdir())
     batch = stack([engine.load_image(p) for p in paths[: o.batch_size]])  # (B, C, H, W), decoded once
     batches = -(-workload.count // o.batch_size)
