@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import queue
-import time
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import TypeVar
@@ -161,21 +160,13 @@ def take_more(
     source: queue.SimpleQueue[T | None] | queue.Queue[T | None],
     into: list[T],
     full: Callable[[list[T]], bool],
-    deadline: float | None = None,
 ) -> bool:
-    """Append to ``into`` what ``source`` holds until ``full(into)``: what is there now, and with a ``deadline``
-    (time.monotonic()) what arrives before it. Returns True when the stop sentinel (None) was taken.
-
-    A ``deadline`` needs a ``queue.Queue``: CPython's ``SimpleQueue.get(timeout)`` can wait forever when a put
-    wakes it after its deadline and another consumer has taken the item meanwhile (its remaining timeout turns
-    negative, which the lock reads as "no timeout"; Modules/_queuemodule.c, reproduced on 3.11.7). A worker's
-    group threads share one queue: the last messages of a job waited there until the next delivery (issue 9)."""
-    if deadline is not None and isinstance(source, queue.SimpleQueue):
-        raise TypeError("take_more with a deadline needs a queue.Queue (SimpleQueue.get(timeout) can hang)")
+    """Append to ``into`` what ``source`` holds now, until ``full(into)``; never waits. Returns True when the stop
+    sentinel (None) was taken. (A thread that must wait for more waits on a condition, not on a timed ``get``:
+    worker/consumer.py ``Runner._fill``, docs/reliability.md on ``SimpleQueue.get(timeout)``.)"""
     while not full(into):
-        left = 0.0 if deadline is None else deadline - time.monotonic()
         try:
-            item = source.get(timeout=left) if left > 0 else source.get_nowait()
+            item = source.get_nowait()
         except queue.Empty:
             return False
         if item is None:

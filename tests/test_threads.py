@@ -142,9 +142,8 @@ def test_batch_sizer_shrinks_on_an_overshoot_and_grows_back_slowly() -> None:
         BatchSizer(max_batch=0, max_wait_s=0, target_s=1)
 
 
-def test_take_more_takes_what_is_there_then_waits_only_until_its_deadline() -> None:
+def test_take_more_takes_what_is_there_and_never_waits() -> None:
     import queue
-    import time
 
     from imgpipe.threads import at_least, take_more
 
@@ -153,46 +152,12 @@ def test_take_more_takes_what_is_there_then_waits_only_until_its_deadline() -> N
         source.put(i)
     got = [99]
     assert take_more(source, got, at_least(3)) is False and got == [99, 0, 1]  # stops once full
-    assert take_more(source, got, at_least(10)) is False and got == [99, 0, 1, 2, 3, 4]  # no deadline: no wait
-    assert take_more(source, got, at_least(10), time.monotonic() + 0.05) is False  # waited; nothing came
-    assert len(got) == 6
+    assert take_more(source, got, at_least(10)) is False and got == [99, 0, 1, 2, 3, 4]  # no wait for more
     source.put(7)
     source.put(None)
     source.put(8)
     assert take_more(source, got, at_least(10)) is True and got[-1] == 7  # the sentinel stops it, not appended
     assert source.get_nowait() == 8
-
-
-def test_take_more_returns_by_its_deadline_when_another_consumer_takes_the_item_that_woke_it() -> None:
-    """The stall of the worker's group threads (a job's last messages held until the next delivery): a put wakes
-    the waiting thread, this thread takes the item first and holds the GIL past the waiter's deadline. CPython's
-    SimpleQueue.get(timeout) then waits forever (its remaining timeout goes negative); take_more refuses a
-    SimpleQueue with a deadline, and with a Queue it returns."""
-    import queue
-    import threading
-    import time
-
-    from imgpipe.threads import at_least, take_more
-
-    simple: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    with pytest.raises(TypeError, match=r"needs a queue\.Queue"):
-        take_more(simple, [], at_least(1), time.monotonic() + 0.01)
-    for _ in range(5):
-        source: queue.Queue[int | None] = queue.Queue()
-        returned = threading.Event()
-
-        def wait_briefly(source: queue.Queue[int | None] = source, returned: threading.Event = returned) -> None:
-            take_more(source, [], at_least(1), time.monotonic() + 0.002)
-            returned.set()
-
-        threading.Thread(target=wait_briefly, daemon=True).start()
-        time.sleep(0.001)  # the waiter is blocked in its timed get
-        source.put(1)
-        source.get_nowait()  # taken before the waiter runs again
-        spin_until = time.perf_counter() + 0.01
-        while time.perf_counter() < spin_until:  # holding the GIL past the waiter's deadline
-            pass
-        assert returned.wait(2.0), "take_more waited past its deadline"
 
 
 HEAP_SCRIPT = """

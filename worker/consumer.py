@@ -134,7 +134,7 @@ class Runner:
         self._held = 0  # images of the deliveries put and not yet settled
         self._mean_paths = 0.0  # paths per message of recent deliveries (the estimate for those not yet read)
         self._inbox: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
-        # A Queue, not a SimpleQueue: the group threads wait on it with a deadline (imgpipe/threads.py take_more).
+        # Leased work for the group threads; they never wait on it with a timeout (``_fill``, docs/reliability.md).
         self._leased: queue.Queue[tuple[_Delivery, Work] | None] = queue.Queue()
         # Notified when leased work arrives or a lane frees: a group waiting to fill looks again (``_fill``).
         self._changed = threading.Condition()
