@@ -206,7 +206,8 @@ VARS: tuple[Var, ...] = (
         "batch",
         "max_latency_ms",
         "int",
-        "adaptive batching: p95 target from message receipt to record, sizes batches (ms; 0: off)",
+        "adaptive batching: p95 target from message receipt to record; sizes batches and the images a worker"
+        " holds (ms; 0: off)",
         0,
     ),
     Var("ALLOW_HARDLINKS", "security", "allow_hardlinks", "int", "1: read files that have other hard links", 0),

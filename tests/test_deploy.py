@@ -183,6 +183,8 @@ def test_dashboard_answers_the_questions_of_the_issue() -> None:
         "imgpipe_backlog_images",
         "imgpipe_drain_seconds",
         "imgpipe_batch_size_bucket",
+        "imgpipe_image_latency_seconds_bucket",
+        "imgpipe_image_end_to_end_seconds_bucket",
         "sum by (reason) (rate(imgpipe_errors_total",
         "imgpipe_dead_letter_messages",
         "imgpipe_dead_letters_total",

@@ -266,3 +266,74 @@ def test_a_group_waiting_to_fill_starts_as_soon_as_a_lane_frees_with_what_it_gat
         for event in pipeline.go:
             event.set()
         runner.close()
+
+
+def test_under_a_latency_target_a_worker_holds_a_planned_batch_per_lane_unless_the_queue_has_a_backlog() -> None:
+    """With IMGPIPE_MAX_LATENCY_MS the images a process holds follow the plan: a full hold at a steady rate made
+    every group take all it held, so batches grew to the maximum whatever the plan said (p95 240 ms for a 50 ms
+    target). A queue with more waiting than the plan holds is served with the full hold (a backlog is never
+    throttled by a small plan); without a target the hold is the configured one."""
+    from imgpipe.batching import BatchSizer
+    from imgpipe.messages import Limits
+    from imgpipe.worker.consumer import Runner
+
+    sizer = BatchSizer(max_batch=64, max_wait_s=0.05, target_s=0.05)
+    sizer.observe_batch(10, 0.01)  # 1 ms per image: 25 images per batch fit the 50 ms target
+    assert sizer.plan().size == 25
+    pipeline = _HeldPipeline()
+    pipeline.batcher = SimpleNamespace(plan=sizer.plan, sizer=sizer)
+    runner = Runner(pipeline, Limits(), group_images=64, threads=3, hold_images=192)  # 2 lanes; threads not started
+    runner.put(_delivery(1))  # one image held, one path per message
+    assert runner.room() == 3 * 25 - 1  # a planned batch in each lane and one filling
+    runner.saw_backlog(3 * 25)  # as much waits as the plan holds: still the plan
+    assert runner.room() == 3 * 25 - 1
+    runner.saw_backlog(3 * 25 + 1)  # more: a backlog, taken at the full hold
+    assert runner.room() == 192 - 1
+    runner.saw_backlog(0)
+    for _ in range(3):
+        sizer.observe_batch(10, 0.05)  # slower batches: the plan shrinks, and the hold with it
+    assert sizer.plan().size < 25 and runner.room() == 3 * sizer.plan().size - 1
+
+    fixed = _HeldPipeline()
+    fixed.batcher = SimpleNamespace(plan=fixed.batcher.plan, sizer=None)
+    runner = Runner(fixed, Limits(), group_images=64, threads=3, hold_images=192)
+    runner.put(_delivery(1))
+    assert runner.room() == 192 - 1
+
+
+def test_the_transport_takes_messages_in_one_step_and_says_how_many_are_left(client: Any) -> None:
+    """TAKE_LUA (worker/transport.py) records what it takes as unacknowledged in kombu's format and ends its reply
+    with the queue's length after the take: the backlog that the worker's hold reads."""
+    from imgpipe.broker import Envelopes
+    from imgpipe.worker.transport import TAKE_LUA
+
+    envelopes = Envelopes()
+    texts = [envelopes.text("job-1", [f"/data/{i}.png"], f"m-{i}", "q") for i in range(6)]
+    client.lpush("q", *texts[1:])  # the first is the one BRPOP took
+    take = client.register_script(TAKE_LUA)
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[2, time.time(), texts[0]])
+    assert len(reply) == 3 * 2 + 1 and reply[-1] == 5 - 2
+    assert [json.loads(raw)["headers"]["id"] for raw in reply[1:-1:2]] == ["m-0", "m-1", "m-2"]
+    tags = [tag.decode() for tag in reply[0:-1:2]]
+    assert sorted(k.decode() for k in client.hkeys("unacked")) == sorted(tags)
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[10, time.time()])
+    assert len(reply) == 3 * 2 + 1 and reply[-1] == 0
+    client.lpush("q", "not json")
+    assert take(keys=["q", "unacked", "unacked_index"], args=[1, time.time()]) == [b"", b"not json", 0]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [(1795803533.25, 1795803533.25), (1795803533, 1795803533.0), (True, None), (float("nan"), None),
+     (float("inf"), None), (-1.0, None), (0, None), (1e12, None), ("1795803533", None), (None, None)],
+)  # fmt: skip
+def test_the_send_time_a_message_carries_dates_its_end_to_end_latency_only_when_it_is_a_plausible_time(
+    sent: Any, expected: float | None
+) -> None:
+    from imgpipe.messages import Limits
+    from imgpipe.worker.consumer import parse_delivery
+
+    raw = _delivery(1)
+    raw.headers["imgpipe_sent"] = sent
+    item = parse_delivery(raw, Limits(), received=1.0)
+    assert item.sent == expected and item.message.paths == ["/data/1.png"]  # served either way

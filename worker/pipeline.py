@@ -43,6 +43,7 @@ class Item:
     message_id: str
     message: Message
     received: float  # time.monotonic() of its receipt: where its images' latency starts
+    sent: float | None = None  # epoch seconds of its send by the producer (imgpipe_sent header), if it says
 
 
 @dataclass
@@ -354,6 +355,11 @@ class Pipeline:
             log.info("recorded %d images of %d messages", written, len(work))
         for i in acks:
             verdicts[i] = Verdict(ACKED)
+        now = time.time()
+        metrics.observe_many(
+            metrics.END_TO_END,
+            [max(0.0, now - w.item.sent) for w in work if w.error is None and w.item.sent for _ in w.records],
+        )
         for w in work:
             if w.error is not None:
                 log.warning(

@@ -82,9 +82,9 @@ def _describe(message: Any, reason: str) -> str:
 # Records ARGV[3] (the message BRPOP just returned, if given) and takes up to ARGV[1] more messages from the list
 # KEYS[1], each recorded as delivered and unacknowledged in kombu's own format (KEYS[2]: its unacked hash, tag ->
 # [message, exchange, routing key]; KEYS[3]: its index, tag -> ARGV[2], the time), all in one step; returns
-# {tag, raw message, ...} in that order (tag: its delivery tag if recorded; '': not a kombu message, taken off the
-# queue only, for the gate to refuse). The raw text is kept as sent (re-encoding it with cjson would turn empty
-# JSON arrays into objects).
+# {tag, raw message, ..., left} in that order (tag: its delivery tag if recorded; '': not a kombu message, taken off
+# the queue only, for the gate to refuse; left: the messages still in the queue, the backlog the worker's hold
+# reads). The raw text is kept as sent (re-encoding it with cjson would turn empty JSON arrays into objects).
 TAKE_LUA = """
 local out = {}
 local function record(raw)
@@ -110,6 +110,7 @@ for _ = 1, tonumber(ARGV[1]) do
   if not raw then break end
   record(raw)
 end
+out[#out + 1] = redis.call('LLEN', KEYS[1])
 return out
 """
 # Most messages taken in one step after a BRPOP (within the prefetch count).
@@ -123,6 +124,8 @@ class QoS(kombu_redis.QoS):
 
     # Messages the worker may take now by the images it holds (``Runner.room``); None: the prefetch count only.
     images_room: Callable[[], int] | None = None
+    # Told the messages left in the queue after each take (``Runner.saw_backlog``); None: nobody asks.
+    backlog: Callable[[int], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -213,8 +216,11 @@ class Channel(kombu_redis.Channel):
             log.warning("recording a delivery failed (%s); recording it the kombu way", exc)
             self._deliver_raw(first, dest)
             return
-        for i in range(0, len(reply), 2):
-            self._deliver_raw(reply[i + 1], dest, recorded=reply[i])
+        taken, left = reply[:-1], reply[-1]
+        if QoS.backlog is not None:
+            QoS.backlog(int(left))  # before the deliveries: their room is reckoned with it
+        for i in range(0, len(taken), 2):
+            self._deliver_raw(taken[i + 1], dest, recorded=taken[i])
 
 
 class Transport(kombu_redis.Transport):
@@ -241,9 +247,11 @@ class Transport(kombu_redis.Transport):
                 qos._remove_from_indices(tag).execute()
 
 
-def hold_by(room: Callable[[], int] | None) -> None:
-    """Bound this process's fetches by ``room()`` messages as well as the prefetch count (``Runner.room``)."""
+def hold_by(room: Callable[[], int] | None, backlog: Callable[[int], None] | None = None) -> None:
+    """Bound this process's fetches by ``room()`` messages as well as the prefetch count (``Runner.room``), and
+    tell ``backlog`` how many messages each take left in the queue (``Runner.saw_backlog``)."""
     QoS.images_room = room
+    QoS.backlog = backlog
 
 
 def install() -> None:

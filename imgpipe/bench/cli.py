@@ -49,6 +49,7 @@ RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "in
 PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
 LATENCY_METRIC, BATCH_METRIC = "imgpipe_image_latency_seconds", "imgpipe_batch_size"
+END_TO_END_METRIC = "imgpipe_image_end_to_end_seconds"
 WHAT = {
     "inprocess": "`imgpipe classify` path: scan, lanes that decode and infer whole batches, JSONL records",
     "dataloader": "peer: plain DataLoader script, same model and preprocessing (best of num_workers 0, 2)",
@@ -172,8 +173,9 @@ def bench(
     enqueue     paths/s of the producer for --paths synthetic paths (against a plain send_task loop)
     latency     opt-in (--variants ...,latency): one-path messages sent at a steady rate, 0.6 of the
                 one-path capacity measured at warm-up, to fixed batching (IMGPIPE_MAX_BATCH, MAX_WAIT_MS)
-                and to adaptive batching (IMGPIPE_MAX_LATENCY_MS=--latency-ms); images/s, mean batch
-                and latency p50/p95 from receipt to record (the workers' histogram, warm-up excluded)
+                and to adaptive batching (IMGPIPE_MAX_LATENCY_MS=--latency-ms); images/s, mean batch,
+                latency p50/p95 from receipt to record (what the target bounds) and from the producer's
+                send to record (the queue's wait included; the workers' histograms, warm-up excluded)
 
     Rounds are interleaved (A B C, A B C, ...) so that drift in the machine's load touches every variant
     alike; the medians and the ratios inprocess/dataloader, pipeline/inprocess, stream/inprocess and
@@ -437,6 +439,7 @@ class _LatencyRuns:
         self.capacity = 0.0
         self.arrival = 0.0
         self.latency = {key: HistogramCounts({}) for key in sets}
+        self.end_to_end = {key: HistogramCounts({}) for key in sets}
         self.batch = {key: HistogramCounts({}) for key in sets}
 
     def warm_up(self) -> None:
@@ -451,10 +454,11 @@ class _LatencyRuns:
         workers_set = self.sets[key]
 
         def run() -> float:
-            latency, batch = workers_set.histogram(LATENCY_METRIC), workers_set.histogram(BATCH_METRIC)
+            before = {name: workers_set.histogram(name) for name in (LATENCY_METRIC, END_TO_END_METRIC, BATCH_METRIC)}
             rate = workers_set.run_paced(self.images, self.arrival)
-            self.latency[key] += workers_set.histogram(LATENCY_METRIC) - latency
-            self.batch[key] += workers_set.histogram(BATCH_METRIC) - batch
+            self.latency[key] += workers_set.histogram(LATENCY_METRIC) - before[LATENCY_METRIC]
+            self.end_to_end[key] += workers_set.histogram(END_TO_END_METRIC) - before[END_TO_END_METRIC]
+            self.batch[key] += workers_set.histogram(BATCH_METRIC) - before[BATCH_METRIC]
             return rate
 
         return run
@@ -469,16 +473,12 @@ class _LatencyRuns:
         for key in self.sets:
             median = rounds.median(f"latency_{key}")
             assert median is not None  # every runner ran in every round
-            mean_batch, p50, p95 = (
-                self.batch[key].mean(),
-                self.latency[key].quantile(0.5),
-                self.latency[key].quantile(0.95),
-            )
+            mean_batch = self.batch[key].mean()
             result[key] = {
                 "rate": round(median, 1),
                 "mean_batch": None if mean_batch is None else round(mean_batch, 1),
-                "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-                "p95_ms": None if p95 is None else round(p95 * 1000, 1),
+                **_quantiles_ms("", self.latency[key]),
+                **_quantiles_ms("end_to_end_", self.end_to_end[key]),
                 "rounds": [round(r, 1) for r in rounds.rates[f"latency_{key}"]],
             }
         return result
@@ -622,14 +622,32 @@ def _table(name: str, result: dict[str, Any]) -> str:
             f" (of the one-path capacity); adaptive p95 target {lat['target_ms']} ms"
         )
         lines.append(
-            "    latency from message receipt to record, from the workers' histogram buckets, warm-up excluded"
+            "    latency from message receipt to record (the target's), and end to end from the producer's send,"
+            " from the workers' histogram buckets, warm-up excluded"
         )
-        lines.append(f"    {'batching':<10} {'images/s':>10} {'mean batch':>11} {'p50 ms':>8} {'p95 ms':>8}")
+        lines.append(
+            f"    {'batching':<10} {'images/s':>10} {'mean batch':>11} {'p50 ms':>8} {'p95 ms':>8}"
+            f" {'send p50':>9} {'send p95':>9}"
+        )
         for key in LATENCY_SETS:
             row = lat[key]
-            cells = [_number(row[k], 1) for k in ("mean_batch", "p50_ms", "p95_ms")]
-            lines.append(f"    {key:<10} {row['rate']:10.1f} {cells[0]:>11} {cells[1]:>8} {cells[2]:>8}")
+            cells = [
+                _number(row[k], 1) for k in ("mean_batch", "p50_ms", "p95_ms", "end_to_end_p50_ms", "end_to_end_p95_ms")
+            ]
+            lines.append(
+                f"    {key:<10} {row['rate']:10.1f} {cells[0]:>11} {cells[1]:>8} {cells[2]:>8} {cells[3]:>9}"
+                f" {cells[4]:>9}"
+            )
     return "\n".join(lines)
+
+
+def _quantiles_ms(prefix: str, counts: HistogramCounts) -> dict[str, float | None]:
+    """p50 and p95 of ``counts`` in ms, under ``prefix``p50_ms and ``prefix``p95_ms (None when empty)."""
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p95", 0.95)):
+        value = counts.quantile(q)
+        out[f"{prefix}{name}_ms"] = None if value is None else round(value * 1000, 1)
+    return out
 
 
 def _number(value: float | None, digits: int) -> str:
