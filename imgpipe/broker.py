@@ -71,7 +71,14 @@ def redis_client(settings: RedisSettings, *, check: bool = True, max_connections
     """
     try:
         extra: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
-        client = redis.Redis.from_url(settings.url, socket_connect_timeout=10, health_check_interval=30, **extra)
+        client = redis.Redis.from_url(
+            settings.url,
+            socket_connect_timeout=10,
+            socket_timeout=settings.socket_timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+            **extra,
+        )
     except ValueError as exc:
         raise ConfigError(f"IMGPIPE_REDIS_URL {safe_url(settings.url)!r} is not a Redis URL: {exc}") from None
     if check:
@@ -84,9 +91,17 @@ def redis_client(settings: RedisSettings, *, check: bool = True, max_connections
 
 
 def transport_options(redis: RedisSettings) -> dict[str, Any]:
-    """kombu Redis transport options: the visibility timeout, and a sweep for abandoned messages to match."""
+    """kombu Redis transport options: the visibility timeout, a sweep for abandoned messages to match, and
+    socket timeouts (kombu passes none to redis-py by default: a connection whose peer vanished without closing
+    held the consumer's commands, a give-back among them, forever)."""
     timeout = redis.visibility_timeout
     return {
+        "socket_timeout": redis.socket_timeout,
+        "socket_connect_timeout": redis.socket_timeout,
+        "socket_keepalive": True,
+        # kombu drops a BRPOP connection whose reply is overdue by this much past its 1 s server-side timeout
+        # (checked as often): about 2 x this to recover from a silent connection (51 s at kombu's default 25).
+        "health_check_interval": max(1, min(25, redis.socket_timeout)),
         "visibility_timeout": timeout,
         # kombu looks for messages of dead workers every interval x throttle seconds (100 s by default);
         # scan a few times per visibility timeout instead, so they come back soon after it expires.

@@ -25,6 +25,9 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 64 * 1024 * 1024
 # Seconds before Redis redelivers a message a worker took but never acknowledged.
 VISIBILITY_TIMEOUT = 3600
+# Seconds a Redis reply may take before the connection is dropped and the command retried on a new one: a peer
+# gone without closing (NAT or firewall timeout, failover) otherwise holds a thread forever.
+REDIS_SOCKET_TIMEOUT = 10
 # Deliveries of one message before it is dead-lettered and its images reported failed.
 MAX_DELIVERIES = 3
 # Messages one worker process holds at once: (lanes + 1) x max batch, so a group fills while every lane (decode

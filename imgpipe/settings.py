@@ -26,6 +26,7 @@ class RedisSettings:
     url: str = defaults.REDIS_URL
     queue: str = defaults.QUEUE
     visibility_timeout: int = defaults.VISIBILITY_TIMEOUT
+    socket_timeout: int = defaults.REDIS_SOCKET_TIMEOUT
     result_ttl_days: int = defaults.RESULT_TTL_DAYS
 
 
@@ -129,6 +130,14 @@ VARS: tuple[Var, ...] = (
         1,
     ),
     Var("RESULT_TTL_DAYS", "redis", "result_ttl_days", "int", "days a job's records and counters are kept", 1),
+    Var(
+        "REDIS_SOCKET_TIMEOUT",
+        "redis",
+        "socket_timeout",
+        "int",
+        "seconds a Redis reply may take before the connection is dropped and the command retried on a new one",
+        1,
+    ),
     Var("MODEL", "model", "path", "path", "model file (TorchScript with imgpipe metadata); default: the bundled demo"),
     Var("DEVICE", "model", "device", "text", "auto (first GPU, else CPU), cpu, cuda or cuda:N"),
     Var("TOPK", "model", "topk", "int", "labels (with scores) per record", 1),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -236,3 +239,70 @@ def enqueue_cli(redis_url: str, *args: str) -> str:
     result = run_cli("enqueue", *args, env=cli_env(IMGPIPE_REDIS_URL=redis_url), timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+class SilentProxy:
+    """A TCP proxy on loopback in front of a Redis that can make every connection it carries go silent at once
+    (``silence``): their bytes are read and dropped both ways and nothing is closed, as after a NAT or firewall
+    timeout or a failover, where the peer is gone and no RST ever comes. Connections opened after that are
+    carried normally."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._live: list[list[Any]] = []  # [client socket, upstream socket, silent flag holder]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def silence(self) -> int:
+        """Every connection carried now goes silent for good; returns how many."""
+        with self._lock:
+            for pair in self._live:
+                pair[2] = True
+            return len(self._live)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            pair: list[Any] = [client, upstream, False]
+            with self._lock:
+                self._live.append(pair)
+            threading.Thread(target=self._pump, args=(pair, 0, 1), daemon=True).start()
+            threading.Thread(target=self._pump, args=(pair, 1, 0), daemon=True).start()
+
+    def _pump(self, pair: list[Any], src: int, dst: int) -> None:
+        while True:
+            try:
+                data = pair[src].recv(65536)
+            except OSError:
+                return
+            if not data:
+                if not pair[2]:
+                    with contextlib.suppress(OSError):
+                        pair[dst].shutdown(socket.SHUT_WR)  # pass the close on
+                return
+            if pair[2]:  # silent: dropped
+                continue
+            try:
+                pair[dst].sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            for pair in self._live:
+                for sock in pair[:2]:
+                    with contextlib.suppress(OSError):
+                        sock.close()
