@@ -294,6 +294,16 @@ def test_under_a_latency_target_a_worker_holds_a_planned_batch_per_lane_unless_t
         sizer.observe_batch(10, 0.05)  # slower batches: the plan shrinks, and the hold with it
     assert sizer.plan().size < 25 and runner.room() == 3 * sizer.plan().size - 1
 
+    # The queue's messages count at the recent paths per message: 3 chunks of 32 paths are a backlog of 96 images.
+    chunked = Runner(pipeline, Limits(), group_images=64, threads=3, hold_images=192)
+    chunk = _delivery(2)
+    chunk.body = json.dumps([["job-1", [f"/data/{i}.png" for i in range(32)]], {}, {}])
+    chunked.put(chunk)
+    chunked.saw_backlog(3)
+    assert chunked.hold() == 192 and chunked.room() == (192 - 32) // 32
+    chunked.saw_backlog(0)
+    assert chunked.hold() == 3 * sizer.plan().size and chunked.room() == 0
+
     fixed = _HeldPipeline()
     fixed.batcher = SimpleNamespace(plan=fixed.batcher.plan, sizer=None)
     runner = Runner(fixed, Limits(), group_images=64, threads=3, hold_images=192)

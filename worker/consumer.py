@@ -189,13 +189,15 @@ class Runner:
         short of capacity, each group took every message held, batches grew to the maximum, and the held
         images waited behind them (one-path digits at 0.6 of capacity: p95 240 ms for a 50 ms target, whatever
         the plan said). Held to the plan, the rest waits in the queue for whichever process frees first. A
-        backlog (more in the queue than the plan holds) is served at full batches: a plan smaller than a
-        backlog only lowers throughput, and the queue's wait then dwarfs any batch's."""
+        backlog (more images in the queue than the plan holds, its messages counted at the recent paths per
+        message) is served at full batches: a plan smaller than a backlog only lowers throughput, and the
+        queue's wait then dwarfs any batch's."""
         sizer = self.pipeline.batcher.sizer
         if sizer is None:
             return self.hold_images
         planned = (self.lanes + 1) * sizer.plan().size
-        return self.hold_images if self._backlog > planned else min(self.hold_images, planned)
+        waiting = self._backlog * max(1.0, self._mean_paths)  # images, at the recent paths per message
+        return self.hold_images if waiting > planned else min(self.hold_images, planned)
 
     def room(self) -> int:
         """Messages the transport may take now (worker/transport.py): while this process holds fewer images than
