@@ -470,26 +470,32 @@ def test_redis_kill9_and_restart_with_aof_always_workers_resume_by_themselves(tm
 def test_connections_that_go_silent_mid_job_are_dropped_and_the_job_finishes(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
-    """Every Redis connection of a worker goes silent mid-job (no reply, no RST: a NAT or firewall timeout, a
-    failover), new ones work. Without socket timeouts the worker's threads waited on them forever (the heartbeat
-    too, so the leases of what it held expired while it still held it); with IMGPIPE_REDIS_SOCKET_TIMEOUT they
-    give up, reconnect, and the job finishes with one record per image."""
+    """Every Redis connection of a worker goes silent (no reply, no RST: a NAT or firewall timeout, a failover),
+    new ones work. Without socket timeouts on kombu's connections the worker waited on them forever (its fetch
+    step and its give-backs); with IMGPIPE_REDIS_SOCKET_TIMEOUT it gives up on them and reconnects. First while
+    idle between two jobs (every connection it has used goes silent before the second job is sent), then in the
+    middle of that job: each job finishes with one record per image."""
     from tests.workers import SilentProxy
 
     data = tmp_path / "data"
+    first, second = (tmp_path / "first", data)
+    warm = {str(p) for p in _small(first, 100, "warm")}
     inputs = {str(p) for p in _small(data, 600)}
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = SilentProxy(port)
     try:
         env = cli_env(
-            IMGPIPE_REDIS_URL=proxy.url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_MAX_BATCH="8",
+            IMGPIPE_REDIS_URL=proxy.url, IMGPIPE_ALLOWED_ROOTS=f"{first}:{second}", IMGPIPE_MAX_BATCH="8",
             IMGPIPE_REDIS_SOCKET_TIMEOUT="2",
         )  # fmt: skip
         with Workers(tmp_path, env) as workers:
             workers.start()
-            job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=4)
-            wait_until(lambda: _done(client, job_id) >= 100 or None, 60, "progress")
+            job_id = _job(client, redis_url, sorted(warm), [str(first)], chunk_size=4)
+            wait_for_job(client, job_id, timeout=60, workers=workers)  # every connection it uses is open now
             assert proxy.silence() > 0
+            job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=4)
+            wait_until(lambda: _done(client, job_id) >= 100 or None, 90, "progress after the first silence")
+            proxy.silence()  # the connections it opened since, mid-job
             wait_for_job(client, job_id, timeout=90, workers=workers)
             assert_exactly_once(client, job_id, inputs)
     finally:
