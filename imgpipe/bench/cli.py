@@ -50,6 +50,7 @@ PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
 LATENCY_METRIC, BATCH_METRIC = "imgpipe_image_latency_seconds", "imgpipe_batch_size"
 END_TO_END_METRIC = "imgpipe_image_end_to_end_seconds"
+HISTOGRAMS = (LATENCY_METRIC, END_TO_END_METRIC, BATCH_METRIC)  # read by the latency variant
 WHAT = {
     "inprocess": "`imgpipe classify` path: scan, lanes that decode and infer whole batches, JSONL records",
     "dataloader": "peer: plain DataLoader script, same model and preprocessing (best of num_workers 0, 2)",
@@ -364,7 +365,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 total, count = workers_set.mean_batch()
                 before = batch_before[key]
                 if key == "batched" and latency is not None:  # without the paced runs, reported on their own
-                    total, count = total - latency.batch["fixed"].sum, count - latency.batch["fixed"].count
+                    paced = latency.counts["fixed"][BATCH_METRIC]
+                    total, count = total - paced.sum, count - paced.count
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
@@ -438,9 +440,8 @@ class _LatencyRuns:
         self.target_ms = target_ms
         self.capacity = 0.0
         self.arrival = 0.0
-        self.latency = {key: HistogramCounts({}) for key in sets}
-        self.end_to_end = {key: HistogramCounts({}) for key in sets}
-        self.batch = {key: HistogramCounts({}) for key in sets}
+        # Per set, each histogram summed over the measured runs only.
+        self.counts = {key: {name: HistogramCounts({}) for name in HISTOGRAMS} for key in sets}
 
     def warm_up(self) -> None:
         """One unpaced one-path run into each set (the fixed set's is the capacity), one paced run into each."""
@@ -454,11 +455,11 @@ class _LatencyRuns:
         workers_set = self.sets[key]
 
         def run() -> float:
-            before = {name: workers_set.histogram(name) for name in (LATENCY_METRIC, END_TO_END_METRIC, BATCH_METRIC)}
+            before = workers_set.histograms(HISTOGRAMS)
             rate = workers_set.run_paced(self.images, self.arrival)
-            self.latency[key] += workers_set.histogram(LATENCY_METRIC) - before[LATENCY_METRIC]
-            self.end_to_end[key] += workers_set.histogram(END_TO_END_METRIC) - before[END_TO_END_METRIC]
-            self.batch[key] += workers_set.histogram(BATCH_METRIC) - before[BATCH_METRIC]
+            after = workers_set.histograms(HISTOGRAMS)
+            for name in HISTOGRAMS:
+                self.counts[key][name] += after[name] - before[name]
             return rate
 
         return run
@@ -473,12 +474,13 @@ class _LatencyRuns:
         for key in self.sets:
             median = rounds.median(f"latency_{key}")
             assert median is not None  # every runner ran in every round
-            mean_batch = self.batch[key].mean()
+            counts = self.counts[key]
+            mean_batch = counts[BATCH_METRIC].mean()
             result[key] = {
                 "rate": round(median, 1),
                 "mean_batch": None if mean_batch is None else round(mean_batch, 1),
-                **_quantiles_ms("", self.latency[key]),
-                **_quantiles_ms("end_to_end_", self.end_to_end[key]),
+                **_quantiles_ms("", counts[LATENCY_METRIC]),
+                **_quantiles_ms("end_to_end_", counts[END_TO_END_METRIC]),
                 "rounds": [round(r, 1) for r in rounds.rates[f"latency_{key}"]],
             }
         return result

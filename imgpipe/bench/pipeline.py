@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,32 +28,33 @@ SLOWEST_RATE = 2.0
 POLL_S = 0.01
 
 
-def histogram_counts(port: int | None, name: str) -> HistogramCounts:
-    """Histogram ``name`` (e.g. imgpipe_batch_size) as a worker's /metrics serves it now; empty when the worker
-    serves no metrics."""
-    if port is None:
-        return HistogramCounts({})
-    from prometheus_client.parser import text_string_to_metric_families
+def histogram_counts(port: int | None, names: Sequence[str]) -> dict[str, HistogramCounts]:
+    """Histograms ``names`` (e.g. imgpipe_batch_size) as a worker's /metrics serves them now, from one scrape;
+    empty when the worker serves no metrics."""
+    found: dict[str, tuple[dict[float, float], list[float]]] = {name: ({}, [0.0, 0.0]) for name in names}
+    if port is not None:
+        from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    buckets: dict[float, float] = {}
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == f"{name}_bucket":
-                bound = float(sample.labels["le"])
-                buckets[bound] = buckets.get(bound, 0.0) + sample.value
-            elif sample.name == f"{name}_sum":
-                total += sample.value
-            elif sample.name == f"{name}_count":
-                count += sample.value
-    return HistogramCounts(buckets, total, count)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name not in found:
+                continue
+            buckets, totals = found[family.name]
+            for sample in family.samples:
+                if sample.name == f"{family.name}_bucket":
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+                elif sample.name == f"{family.name}_sum":
+                    totals[0] += sample.value
+                elif sample.name == f"{family.name}_count":
+                    totals[1] += sample.value
+    return {name: HistogramCounts(buckets, totals[0], totals[1]) for name, (buckets, totals) in found.items()}
 
 
 def batch_size_totals(port: int | None) -> tuple[float, float]:
     """(sum, count) of a worker's imgpipe_batch_size histogram; (0, 0) when it serves no metrics."""
-    counts = histogram_counts(port, "imgpipe_batch_size")
+    counts = histogram_counts(port, ["imgpipe_batch_size"])["imgpipe_batch_size"]
     return counts.sum, counts.count
 
 
@@ -108,9 +110,10 @@ class Workers:
         totals = [batch_size_totals(port) for port in self.ports]
         return sum(t[0] for t in totals), sum(t[1] for t in totals)
 
-    def histogram(self, name: str) -> HistogramCounts:
-        """Histogram ``name`` summed over the workers, as their /metrics serve it now."""
-        return sum((histogram_counts(port, name) for port in self.ports), HistogramCounts({}))
+    def histograms(self, names: Sequence[str]) -> dict[str, HistogramCounts]:
+        """Histograms ``names`` summed over the workers, as their /metrics serve them now (one scrape each)."""
+        scrapes = [histogram_counts(port, names) for port in self.ports]
+        return {name: sum((scrape[name] for scrape in scrapes), HistogramCounts({})) for name in names}
 
     def wait_job(self, job_id: str, count: int) -> JobStatus:
         try:
