@@ -477,15 +477,14 @@ def test_connections_that_go_silent_mid_job_are_dropped_and_the_job_finishes(
     middle of that job: each job finishes with one record per image."""
     from tests.workers import SilentProxy
 
-    data = tmp_path / "data"
-    first, second = (tmp_path / "first", data)
+    data, first = tmp_path / "data", tmp_path / "first"
     warm = {str(p) for p in _small(first, 100, "warm")}
     inputs = {str(p) for p in _small(data, 600)}
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = SilentProxy(port)
     try:
         env = cli_env(
-            IMGPIPE_REDIS_URL=proxy.url, IMGPIPE_ALLOWED_ROOTS=f"{first}:{second}", IMGPIPE_MAX_BATCH="8",
+            IMGPIPE_REDIS_URL=proxy.url, IMGPIPE_ALLOWED_ROOTS=f"{first}:{data}", IMGPIPE_MAX_BATCH="8",
             IMGPIPE_REDIS_SOCKET_TIMEOUT="2",
         )  # fmt: skip
         with Workers(tmp_path, env) as workers:
