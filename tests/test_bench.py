@@ -101,6 +101,12 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     assert all(value is not None and value > 0 for value in digits["ratios"].values())
     assert digits["mean_batch"]["naive"] == 1.0 and 1.0 <= digits["mean_batch"]["batched"] <= 16
     assert isinstance(digits["per_message_overhead_us"], float)
+    # CPU per image of the variants through the queue, from /proc (worker processes) and the scratch Redis's INFO.
+    costs = digits["cpu_us_per_image"]
+    assert list(costs) == ["naive", "pipeline", "stream"]
+    assert all(list(parts) == ["workers", "redis"] for parts in costs.values())
+    assert all(isinstance(used, float) and used > 0 for parts in costs.values() for used in parts.values())
+    assert "cpu us/image stream" in result.stdout and "one Redis core" in result.stdout
     _check_latency(digits["latency"], target_ms=40, max_batch=16, rounds=2)
 
     enqueue = summary["enqueue"]
@@ -136,7 +142,14 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
     _check_workload(photos, 6, {"inprocess", *PEER_VARIANTS}, rounds=1)
     assert "640x480" in photos["what"] and "mobilenet_v3_small" in photos["what"]
     assert photos["ratios"]["pipeline/inprocess"] is None and photos["ratios"]["inprocess/dataloader"] > 0
-    assert not {"mean_batch", "per_message_overhead_us", "bound", "inprocess_of_ceiling", "latency"} & set(photos)
+    assert not {
+        "mean_batch",
+        "per_message_overhead_us",
+        "cpu_us_per_image",
+        "bound",
+        "inprocess_of_ceiling",
+        "latency",
+    } & set(photos)
 
 
 def test_queue_variants_are_skipped_with_one_line_when_redis_server_is_missing(tmp_path: Path) -> None:

@@ -287,6 +287,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
     workload = prepare(name, tmp, o.counts[name], o.data if name == "digits" else None, o.digits_model)
     runners: dict[str, Callable[[], float]] = {}
     rounds = Rounds()
+    costs = _Costs(workload.count)
     info: dict[str, Any] = {}
     with ExitStack() as stack:
         if "inprocess" in variants:
@@ -343,11 +344,17 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 for key in LATENCY_SETS:
                     runners[f"latency_{key}"] = latency.runner(key)
             if "naive" in sets:
-                runners["naive"] = lambda: sets["naive"].run_job(workload.images, 1)
+                runners["naive"] = costs.runner(
+                    "naive", sets["naive"], lambda: sets["naive"].run_job(workload.images, 1)
+                )
             if "pipeline" in queue_variants:
-                runners["pipeline"] = lambda: sets["batched"].run_job(workload.images, o.chunk_size)
+                runners["pipeline"] = costs.runner(
+                    "pipeline", sets["batched"], lambda: sets["batched"].run_job(workload.images, o.chunk_size)
+                )
             if "stream" in queue_variants:
-                runners["stream"] = lambda: sets["batched"].run_job(workload.images, 1)
+                runners["stream"] = costs.runner(
+                    "stream", sets["batched"], lambda: sets["batched"].run_job(workload.images, 1)
+                )
             if "watch" in queue_variants:
                 watched = iter(range(1_000_000))
                 runners["watch"] = lambda: sets["batched"].run_watch(
@@ -370,6 +377,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
+            if costs.per_image:
+                info["cpu_us_per_image"] = costs.summary()
             if latency is not None:
                 info["latency"] = latency.summary(rounds)
     rates: dict[str, float] = {}
@@ -427,6 +436,36 @@ def paired_ratios(per_round: dict[str, list[float]]) -> dict[str, dict[str, floa
             "high": round(max(each), 2),
         }
     return out
+
+
+class _Costs:
+    """CPU per image of the queue variants, per round: the worker commands' processes and the scratch Redis
+    (what one Redis core serves is what caps a cluster of workers that share it)."""
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.per_image: dict[str, dict[str, list[float]]] = {}
+
+    def runner(self, variant: str, workers_set: Workers, run: Callable[[], float]) -> Callable[[], float]:
+        def costed() -> float:
+            before = workers_set.cpu_seconds()
+            rate = run()
+            after = workers_set.cpu_seconds()
+            seen = self.per_image.setdefault(variant, {})
+            for part, used in after.items():
+                start = before[part]
+                if used is not None and start is not None:
+                    seen.setdefault(part, []).append((used - start) / self.images * 1e6)
+            return rate
+
+        return costed
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{variant: {part: median microseconds per image}}."""
+        return {
+            variant: {part: round(statistics.median(values), 1) for part, values in parts.items()}
+            for variant, parts in self.per_image.items()
+        }
 
 
 class _LatencyRuns:
@@ -617,6 +656,11 @@ def _table(name: str, result: dict[str, Any]) -> str:
         lines.append(f"  bound by {result['bound']:<12} inprocess at {result['inprocess_of_ceiling']:.2f} of it")
     if "per_message_overhead_us" in result:
         lines.append(f"  per-message overhead   {result['per_message_overhead_us']:.0f} us")
+    for variant, parts in result.get("cpu_us_per_image", {}).items():
+        redis_us = parts["redis"]
+        cells = [f"{part} {used:.0f}" for part, used in parts.items()]
+        ceiling = f"; one Redis core: {1e6 / redis_us:,.0f} images/s" if redis_us > 0 else ""
+        lines.append(f"  cpu us/image {variant:<9} {', '.join(cells)}{ceiling}")
     if "latency" in result:
         lat = result["latency"]
         lines.append(

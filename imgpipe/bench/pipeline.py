@@ -58,6 +58,26 @@ def batch_size_totals(port: int | None) -> tuple[float, float]:
     return counts.sum, counts.count
 
 
+def group_cpu_seconds(pgid: int) -> float | None:
+    """CPU seconds (user + system) of the live processes in process group ``pgid``, from /proc (Linux); None
+    where there is no /proc. A worker command runs in its own group (imgpipe.procs.WorkerProcess)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def _finished(status: JobStatus) -> JobStatus | None:
     return status if status.finished else None
 
@@ -109,6 +129,16 @@ class Workers:
     def mean_batch(self) -> tuple[float, float]:
         totals = [batch_size_totals(port) for port in self.ports]
         return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU seconds used so far by the worker commands (every process of each; None without /proc) and by
+        the scratch Redis (its INFO: the bench's own server, which serves nothing else)."""
+        info = self.client.info("cpu")
+        workers = [group_cpu_seconds(proc.pid) for proc in self.procs]
+        return {
+            "workers": None if None in workers else sum(w for w in workers if w is not None),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        }
 
     def histograms(self, names: Sequence[str]) -> dict[str, HistogramCounts]:
         """Histograms ``names`` summed over the workers, as their /metrics serve them now (one scrape each)."""
