@@ -298,13 +298,16 @@ def add_to_total(pipe: Any, job_id: str, count: int, ttl_seconds: int) -> None:
 
 
 def add_pending(pipe: Any, job_id: str, messages: dict[str, list[str]], ttl_seconds: int) -> None:
-    """Queue, on a Redis pipeline, the record of messages about to be sent (id -> paths), until completed."""
+    """Queue, on a Redis pipeline, the record of messages about to be sent (id -> paths), until completed, and
+    their send time in the job's time index (``keys.job_pending_times``)."""
     now = time.time()
     pipe.hset(
         keys.job_pending(job_id),
         mapping={mid: json.dumps({"paths": paths, "at": now}) for mid, paths in messages.items()},
     )
+    pipe.zadd(keys.job_pending_times(job_id), dict.fromkeys(messages, now))
     pipe.expire(keys.job_pending(job_id), ttl_seconds)
+    pipe.expire(keys.job_pending_times(job_id), ttl_seconds)
     pipe.sadd(keys.PENDING_JOBS, job_id)
 
 
@@ -320,7 +323,7 @@ def is_cancelled(cancelled_field: Any) -> bool:
     return as_float(as_text(cancelled_field)) is not None
 
 
-# KEYS: job hash, pending hash, pending-jobs set. ARGV: job id.
+# KEYS: job hash, pending hash, pending-jobs set, pending time index. ARGV: job id.
 # Returns 0 when there is no such job, 1 when cancelled now, 2 when it had finished already (left as it was).
 _CANCEL_LUA = (
     FINISH_IF_COMPLETE_LUA
@@ -330,7 +333,7 @@ if redis.call('HEXISTS', KEYS[1], 'finished') == 1 then return 2 end
 local now = now_string()
 redis.call('HSET', KEYS[1], 'cancelled', now, 'sealed', '1')
 redis.call('HSETNX', KEYS[1], 'finished', now)
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
@@ -344,7 +347,8 @@ def cancel_job(client: redis.Redis, job_id: str) -> int:
     Returns 1 when cancelled now, 2 when the job had already finished (nothing changed); ConfigError when
     there is no such job.
     """
-    outcome = int(client.eval(_CANCEL_LUA, 3, keys.job(job_id), keys.job_pending(job_id), keys.PENDING_JOBS, job_id))
+    job_keys = (keys.job(job_id), keys.job_pending(job_id), keys.PENDING_JOBS, keys.job_pending_times(job_id))
+    outcome = int(client.eval(_CANCEL_LUA, len(job_keys), *job_keys, job_id))
     if outcome == 0:
         raise ConfigError(f"no such job: {job_id!r} (imgpipe status lists the jobs Redis still holds)")
     return outcome
@@ -359,7 +363,7 @@ def delete_job(client: redis.Redis, job_id: str) -> int:
     pending = [as_text(m) or "" for m in client.hkeys(keys.job_pending(job_id))]
     dead = [raw for raw in client.lrange(keys.DEAD_LETTER, 0, -1) if _dead_letter_job(raw) == job_id]
     pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.job(job_id), keys.job_results(job_id), keys.job_pending(job_id))
+    pipe.delete(keys.job(job_id), keys.job_results(job_id), keys.job_pending(job_id), keys.job_pending_times(job_id))
     if pending:
         pipe.delete(*(keys.deliveries(m) for m in pending))
     pipe.zrem(keys.JOBS, job_id)

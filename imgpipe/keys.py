@@ -38,6 +38,12 @@ def job_pending(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:pending"
 
 
+def job_pending_times(job_id: str) -> str:
+    """Sorted set: message id -> its pending entry's "at" (sent or re-sent), beside ``job_pending``: the
+    reconciler reads only the messages older than its cutoff, not the whole pending hash (a job's backlog)."""
+    return f"{PREFIX}:job:{job_id}:pending-at"
+
+
 def deliveries(message_id: str) -> str:
     """Hash: count (deliveries charged), error (why the last charged one failed), suspect (1: runs alone next),
     and while leased: owner (worker id), state (held | working), alone (1 | 0), job. See imgpipe/leases.py."""

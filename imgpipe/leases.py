@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,16 +104,17 @@ return out
 """
 )
 
-# KEYS: leases zset. ARGV: done ttl, then (message id, deliveries key, pending key of its job) per message.
-# Ends the leases of messages whose records are all written (see Leases.finish).
+# KEYS: leases zset. ARGV: done ttl, then (message id, deliveries key, pending key of its job, its pending time
+# index) per message. Ends the leases of messages whose records are all written (see Leases.finish).
 FINISH_MANY_LUA = """
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local d = ARGV[i + 1]
   redis.call('HDEL', d, 'owner', 'state', 'alone', 'current', 'culprit', 'suspect', 'count', 'error')
   redis.call('HSET', d, 'done', '1')
   redis.call('EXPIRE', d, ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[i])
   redis.call('HDEL', ARGV[i + 2], ARGV[i])
+  redis.call('ZREM', ARGV[i + 3], ARGV[i])
 end
 return 1
 """
@@ -124,8 +125,9 @@ for i = 2, #ARGV do redis.call('HSET', ARGV[i], 'state', 'working', 'alone', ARG
 return 1
 """
 
-# KEYS: leases zset, pending hash of the job. ARGV: message id, owner, failure text ('' : no failure), now.
-# Ends this owner's lease (charging or marking a failure by the rule) and dates the pending entry now.
+# KEYS: leases zset, pending hash of the job, its time index. ARGV: message id, owner, failure text ('' : no
+# failure), now, deliveries key. Ends this owner's lease (charging or marking a failure by the rule) and dates the
+# pending entry now.
 GIVE_BACK_LUA = (
     _RULE_LUA
     + """
@@ -139,6 +141,7 @@ if entry then
   if ok and type(decoded) == 'table' then
     decoded['at'] = tonumber(ARGV[4])
     redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(decoded))
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
   end
 end
 return 1
@@ -278,7 +281,7 @@ class Leases:
         """End this lease without success; ``failure`` applies the charging rule (empty: charge nothing)."""
         self.held.discard(message_id)
         self._give_back(
-            keys=[keys.LEASES, keys.job_pending(job_id)],
+            keys=[keys.LEASES, keys.job_pending(job_id), keys.job_pending_times(job_id)],
             args=[message_id, self.owner, failure[:2000], time.time(), keys.deliveries(message_id)],
         )
 
@@ -294,7 +297,7 @@ class Leases:
         args: list[Any] = [DONE_TTL_S]
         for message_id, job_id in messages:
             self.held.discard(message_id)
-            args += [message_id, keys.deliveries(message_id), keys.job_pending(job_id)]
+            args += [message_id, keys.deliveries(message_id), keys.job_pending(job_id), keys.job_pending_times(job_id)]
         if messages:
             pipe.eval(FINISH_MANY_LUA, 1, keys.LEASES, *args)  # the text, as ResultStore.queue_write does
 
@@ -316,6 +319,8 @@ KOMBU_UNACKED_INDEX = "unacked_index"
 DONE_TTL_S = 600
 
 Resend = Callable[[str, list[str], str], None]  # (job id, paths, message id)
+# Message ids the lost-message check reads from Redis at a time.
+LOST_PAGE = 1000
 
 
 def queue_watermark(client: redis.Redis, queue: str) -> float | None:
@@ -410,27 +415,80 @@ class Reconciler:
             watermark = watermarks[queue]
             if watermark is None:
                 continue
-            cutoff = watermark - self.grace_s
-            pending = self.client.hgetall(keys.job_pending(job))
-            if not pending:
+            pending, times = keys.job_pending(job), keys.job_pending_times(job)
+            if not self.client.hlen(pending):
                 if not job_id:
                     self.client.srem(keys.PENDING_JOBS, job)
+                self.client.delete(times)
                 continue
-            ids = [as_text(m) or "" for m in pending]
-            scores = self.client.zmscore(keys.LEASES, ids)
-            for message_id, raw, score in zip(ids, pending.values(), scores, strict=True):
-                if score is not None:
-                    continue
-                entry = _entry(raw)
-                if entry is None or float(entry.get("at", 0)) > cutoff:
-                    continue
-                if self._resend_entry(job, message_id, entry):
-                    resent.add(message_id)
+            cutoff = watermark - self.grace_s
+            resent |= self._resend_unleased(job, cutoff)
+            # Entries missing from the index (written by an older producer or worker; the pass above dropped the
+            # index's stale ones, so the counts tell): indexed, then checked.
+            if self.client.hlen(pending) > self.client.zcard(times):
+                self._index(job)
+                resent |= self._resend_unleased(job, cutoff)
             if not self.client.exists(keys.job(job)):
-                self.client.delete(keys.job_pending(job))
+                self.client.delete(pending, times)
         if resent:
             log.warning("re-sent %d messages lost from the queue", len(resent))
         return resent
+
+    def _resend_unleased(self, job_id: str, cutoff: float) -> set[str]:
+        """Re-send the job's pending messages dated before ``cutoff`` that hold no lease; their ids."""
+        return {m for m, entry in self._unleased_before(job_id, cutoff) if self._resend_entry(job_id, m, entry)}
+
+    def _unleased_before(self, job_id: str, cutoff: float) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Pending messages of a job sent (or re-sent) before ``cutoff`` that hold no lease: (id, entry).
+
+        Reads the job's time index up to the cutoff, so a pass costs the messages in flight and those lost, not
+        the job's whole backlog (a pass read and decoded every pending entry: 0.8 s of a worker's CPU every 2 s
+        for a job with 100,000 messages queued). Index entries without a pending entry are dropped, and those
+        older than their entry (dated again by a worker that does not keep the index) are corrected."""
+        pending, times = keys.job_pending(job_id), keys.job_pending_times(job_id)
+        ids: list[str] = []  # read whole before anything changes the index (a re-send moves its message out)
+        while True:
+            page = self.client.zrangebyscore(times, "-inf", cutoff, start=len(ids), num=LOST_PAGE)
+            ids += [as_text(m) or "" for m in page]
+            if len(page) < LOST_PAGE:
+                break
+        for start in range(0, len(ids), LOST_PAGE):
+            page = ids[start : start + LOST_PAGE]
+            unleased = [
+                m for m, score in zip(page, self.client.zmscore(keys.LEASES, page), strict=True) if score is None
+            ]
+            if not unleased:
+                continue
+            stale: list[str] = []
+            later: dict[str | bytes, float] = {}
+            for message_id, raw in zip(unleased, self.client.hmget(pending, unleased), strict=True):
+                entry = _entry(raw)
+                if entry is None:
+                    stale.append(message_id)
+                elif float(entry.get("at", 0)) > cutoff:
+                    later[message_id] = float(entry["at"])
+                else:
+                    yield message_id, entry
+            if stale:
+                self.client.zrem(times, *stale)
+            if later:
+                self.client.zadd(times, later)
+
+    def _index(self, job_id: str) -> None:
+        """Add a job's pending entries missing from its time index (NX: an entry dated since is left alone)."""
+        pending, times = keys.job_pending(job_id), keys.job_pending_times(job_id)
+        batch: dict[str | bytes, float] = {}
+        for message_id, raw in self.client.hscan_iter(pending, count=LOST_PAGE):
+            entry = _entry(raw)
+            batch[as_text(message_id) or ""] = float(entry.get("at", 0)) if entry else 0.0
+            if len(batch) >= LOST_PAGE:
+                self.client.zadd(times, batch, nx=True)
+                batch = {}
+        if batch:
+            self.client.zadd(times, batch, nx=True)
+        ttl = self.client.pttl(pending)
+        if ttl > 0:
+            self.client.pexpire(times, ttl)
 
     def _resend_pending(self, job_id: str, message_id: str) -> bool:
         entry = _entry(self.client.hget(keys.job_pending(job_id), message_id))
@@ -441,7 +499,10 @@ class Reconciler:
         if not isinstance(paths, list):
             return False
         entry["at"] = time.time()
-        self.client.hset(keys.job_pending(job_id), message_id, json.dumps(entry))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(keys.job_pending(job_id), message_id, json.dumps(entry))
+        pipe.zadd(keys.job_pending_times(job_id), {message_id: entry["at"]})
+        pipe.execute()
         self.resend(job_id, [str(p) for p in paths], message_id)
         return True
 

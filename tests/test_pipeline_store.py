@@ -8,7 +8,7 @@ import time
 import redis
 
 from imgpipe import keys
-from imgpipe.jobs import add_to_total, create_job, job_status, seal_job
+from imgpipe.jobs import add_pending, add_to_total, create_job, job_status, seal_job
 from imgpipe.leases import Leases, Reconciler
 from imgpipe.procs import wait_until
 from imgpipe.records import error_record, ok_record
@@ -102,11 +102,73 @@ def test_an_expired_working_lease_is_resent_by_the_reconciler(client: redis.Redi
     assert int(client.hget(keys.deliveries("msg-1"), "count") or 0) == 1  # it worked alone: charged
 
 
+def _date(client: redis.Redis, job_id: str, message_id: str, at: float, index: bool = True) -> None:
+    """Make a pending message look sent at ``at`` (in its entry, and in the time index unless told not to)."""
+    entry = json.loads(client.hget(keys.job_pending(job_id), message_id) or "{}")
+    client.hset(keys.job_pending(job_id), message_id, json.dumps({**entry, "at": at}))
+    if index:
+        client.zadd(keys.job_pending_times(job_id), {message_id: at})
+
+
+def test_the_lost_message_check_reads_the_messages_older_than_its_cutoff_not_the_whole_backlog(
+    client: redis.Redis,
+) -> None:
+    job_id = _job(client, 3002)
+    pipe = client.pipeline()
+    add_pending(pipe, job_id, {f"queued-{i}": [f"/d/{i}.png"] for i in range(3000)}, TTL)  # a backlog, just sent
+    add_pending(pipe, job_id, {"taken": ["/d/taken.png"], "lost": ["/d/lost.png"]}, TTL)
+    pipe.execute()
+    old = time.time() - 60  # sent a minute ago: both should have been taken long since
+    _date(client, job_id, "taken", old)
+    _date(client, job_id, "lost", old)
+    Leases(client, "live-worker", lease_ttl=30, key_ttl=TTL).begin("taken", job_id, ["/d/taken.png"])
+    sent: list[tuple[str, list[str], str]] = []
+    reconciler = Reconciler(client, "no-queue", lambda *a: sent.append(a), owner="me")
+    client.config_resetstat()  # our own server (conftest): count the commands of one pass
+    assert reconciler.lost() == {"lost"}
+    assert sent == [(job_id, ["/d/lost.png"], "lost")]
+    calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
+    # The backlog's 3,000 entries were never read: no HGETALL or HSCAN of the pending hash, one HMGET of the
+    # unleased old one.
+    assert not {"hgetall", "hscan", "hvals", "hkeys"} & set(calls), calls
+    assert calls.get("hmget") == 1
+    # The re-sent message is dated now in its entry and in the index: the next pass leaves it alone.
+    score = client.zscore(keys.job_pending_times(job_id), "lost")
+    assert score is not None and score > old + 50
+    assert reconciler.lost() == set() and len(sent) == 1
+
+
+def test_pending_entries_without_the_time_index_are_indexed_and_still_checked(client: redis.Redis) -> None:
+    # Written by an older producer (the hash only), or dated again by an older worker: the check still finds
+    # the lost one, and the index then holds every entry with its date.
+    job_id = _job(client, 3)
+    pipe = client.pipeline()
+    add_pending(pipe, job_id, {"fresh": ["/d/a.png"], "redated": ["/d/b.png"]}, TTL)
+    pipe.execute()
+    client.hset(keys.job_pending(job_id), "old-producer", json.dumps({"paths": ["/d/c.png"], "at": time.time() - 60}))
+    _date(client, job_id, "redated", time.time() - 60)  # index and entry agree: old
+    _date(client, job_id, "redated", time.time(), index=False)  # the entry dated again since, the index not
+    client.zadd(keys.job_pending_times(job_id), {"finished-elsewhere": time.time() - 60})  # no entry left
+    sent: list[tuple[str, list[str], str]] = []
+    reconciler = Reconciler(client, "no-queue", lambda *a: sent.append(a), owner="me")
+    assert reconciler.lost() == {"old-producer"}
+    assert sent == [(job_id, ["/d/c.png"], "old-producer")]
+    index = dict(client.zrange(keys.job_pending_times(job_id), 0, -1, withscores=True))
+    assert set(index) == {b"fresh", b"redated", b"old-producer"}  # the stale one dropped
+    assert index[b"redated"] > time.time() - 30  # corrected to its entry's date
+    assert 0 < client.ttl(keys.job_pending_times(job_id)) <= TTL
+
+
 def test_leases_of_a_group_are_taken_in_one_call_with_copies_and_missing_jobs_told_apart(
     client: redis.Redis,
 ) -> None:
     job_id = _job(client, 3)
     other = _job(client, 1)
+    pipe = client.pipeline()
+    add_pending(pipe, job_id, {"m1": ["/d/a.png", "/d/b.png"]}, TTL)
+    add_pending(pipe, other, {"m3": ["/d/c.png"]}, TTL)
+    pipe.execute()
+    assert client.zscore(keys.job_pending_times(job_id), "m1") is not None
     ResultStore(client, TTL).write(job_id, [ok_record("/d/b.png", [("7", 0.9)], MODEL)], MODEL)
     one = Leases(client, "worker-1", lease_ttl=30, key_ttl=TTL)
     got = one.begin_many(
@@ -130,6 +192,9 @@ def test_leases_of_a_group_are_taken_in_one_call_with_copies_and_missing_jobs_to
     assert one.held == {"m4"}
     assert client.zscore(keys.LEASES, "m1") is None and client.zscore(keys.LEASES, "m4") is not None
     assert client.hget(keys.deliveries("m1"), "done") == b"1" and client.hget(keys.deliveries("m1"), "owner") is None
+    # Out of the pending hash and of the lost-message check's time index.
+    assert client.hget(keys.job_pending(job_id), "m1") is None and client.hget(keys.job_pending(other), "m3") is None
+    assert client.zcard(keys.job_pending_times(job_id)) == 0 and client.zcard(keys.job_pending_times(other)) == 0
     # A finished message's copy begins with nothing left to do; its count was never charged.
     again = Leases(client, "worker-2", 30, TTL).begin("m1", job_id, ["/d/a.png", "/d/b.png"])
     assert again.state == "ok" and again.count == 0
