@@ -384,25 +384,36 @@ class Reconciler:
         """Drop a dead worker's copies of re-sent or finished messages from kombu's unacknowledged set.
 
         Else kombu restores them after the visibility timeout (an hour by default), only for the lease check
-        to drop them then. Racing kombu's own restore is harmless here: each was sent again or is done.
+        to drop them then. Racing kombu's own restore is harmless here: each was sent again or is done. Only
+        copies delivered more than the grace before now are read (kombu's index dates each delivery): a dead
+        worker's copy is older than that by the time its lease expires or its message counts as lost, and the
+        live workers' deliveries in flight are not read and decoded every pass (with 20,000 in flight that was
+        0.8 s of a worker's CPU every 2 s).
         """
-        entries = []
-        for tag, raw in self.client.hscan_iter(KOMBU_UNACKED, count=500):
-            try:
-                entries.append((tag, str(loads(raw)[0]["headers"]["id"])))
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-        pipe = self.client.pipeline(transaction=False)
-        for _, message_id in entries:
-            pipe.hget(keys.deliveries(message_id), "done")
-        done = pipe.execute() if entries else []
-        tags = [tag for (tag, mid), flag in zip(entries, done, strict=True) if mid in resent or flag == b"1"]
-        if tags:
+        old = _older(self.client, KOMBU_UNACKED_INDEX, time.time() - self.grace_s)
+        dropped = 0
+        for start in range(0, len(old), LOST_PAGE):
+            tags = old[start : start + LOST_PAGE]
+            entries = []
+            for tag, raw in zip(tags, self.client.hmget(KOMBU_UNACKED, tags), strict=True):
+                if raw is None:  # acknowledged meanwhile
+                    continue
+                try:
+                    entries.append((tag, str(loads(raw)[0]["headers"]["id"])))
+                except (ValueError, KeyError, IndexError, TypeError):
+                    continue
             pipe = self.client.pipeline(transaction=False)
-            pipe.hdel(KOMBU_UNACKED, *tags)
-            pipe.zrem(KOMBU_UNACKED_INDEX, *tags)
-            pipe.execute()
-        return len(tags)
+            for _, message_id in entries:
+                pipe.hget(keys.deliveries(message_id), "done")
+            done = pipe.execute() if entries else []
+            drop = [tag for (tag, mid), flag in zip(entries, done, strict=True) if mid in resent or flag == b"1"]
+            if drop:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hdel(KOMBU_UNACKED, *drop)
+                pipe.zrem(KOMBU_UNACKED_INDEX, *drop)
+                pipe.execute()
+                dropped += len(drop)
+        return dropped
 
     def lost(self, job_id: str | None = None) -> set[str]:
         watermarks: dict[str, float | None] = {}  # per queue: a pinned job's messages wait in its model's queue
@@ -446,12 +457,7 @@ class Reconciler:
         for a job with 100,000 messages queued). Index entries without a pending entry are dropped, and those
         older than their entry (dated again by a worker that does not keep the index) are corrected."""
         pending, times = keys.job_pending(job_id), keys.job_pending_times(job_id)
-        ids: list[str] = []  # read whole before anything changes the index (a re-send moves its message out)
-        while True:
-            page = self.client.zrangebyscore(times, "-inf", cutoff, start=len(ids), num=LOST_PAGE)
-            ids += [as_text(m) or "" for m in page]
-            if len(page) < LOST_PAGE:
-                break
+        ids = [as_text(m) or "" for m in _older(self.client, times, cutoff)]
         for start in range(0, len(ids), LOST_PAGE):
             page = ids[start : start + LOST_PAGE]
             unleased = [
@@ -505,6 +511,17 @@ class Reconciler:
         pipe.execute()
         self.resend(job_id, [str(p) for p in paths], message_id)
         return True
+
+
+def _older(client: redis.Redis, key: str, cutoff: float) -> list[bytes]:
+    """Members of sorted set ``key`` scored up to ``cutoff``, in pages, read whole before the caller changes
+    anything (a re-send or a removal would move the pages)."""
+    members: list[bytes] = []
+    while True:
+        page = client.zrangebyscore(key, "-inf", cutoff, start=len(members), num=LOST_PAGE)
+        members += page
+        if len(page) < LOST_PAGE:
+            return members
 
 
 def _entry(raw: Any) -> dict[str, Any] | None:

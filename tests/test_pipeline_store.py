@@ -159,6 +159,34 @@ def test_pending_entries_without_the_time_index_are_indexed_and_still_checked(cl
     assert 0 < client.ttl(keys.job_pending_times(job_id)) <= TTL
 
 
+def test_only_old_unacknowledged_copies_are_read_and_those_of_done_or_resent_messages_dropped(
+    client: redis.Redis,
+) -> None:
+    def deliver(tag: str, message_id: str, at: float) -> None:  # as kombu records a delivery (tag -> copy)
+        copy = json.dumps([{"headers": {"id": message_id}, "body": ""}, "", "imgpipe"])
+        client.hset("unacked", tag, copy)
+        client.zadd("unacked_index", {tag: at})
+
+    old, now = time.time() - 60, time.time()
+    for i in range(2000):  # in flight at live workers, just delivered: never read
+        deliver(f"live-{i}", f"m-live-{i}", now)
+    client.hset(keys.deliveries("m-done"), "done", "1")
+    deliver("dead-done", "m-done", old)  # a dead worker's copy of a message finished since
+    deliver("dead-resent", "m-resent", old)  # one this pass re-sent
+    deliver("slow", "m-slow", old)  # an old delivery still in work: kept
+    deliver("fresh-done", "m-done", now)  # too young to judge: kept for a later pass
+    client.hset("unacked", "acked-meanwhile", "x")  # index entry gone: not read
+    client.zadd("unacked_index", {"index-only": old})  # entry gone (acknowledged meanwhile): skipped
+    reconciler = Reconciler(client, "no-queue", lambda *a: None, owner="me")
+    client.config_resetstat()
+    assert reconciler.forget_unacked({"m-resent"}) == 2
+    left = {k.decode() for k in client.hkeys("unacked")}
+    assert {"dead-done", "dead-resent"}.isdisjoint(left) and {"slow", "fresh-done", "live-7"} <= left
+    assert client.zscore("unacked_index", "dead-done") is None and client.zscore("unacked_index", "slow") is not None
+    calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
+    assert "hscan" not in calls and "hgetall" not in calls and calls["hmget"] == 1, calls  # the old ones only
+
+
 def test_leases_of_a_group_are_taken_in_one_call_with_copies_and_missing_jobs_told_apart(
     client: redis.Redis,
 ) -> None:
