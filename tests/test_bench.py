@@ -105,7 +105,8 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     costs = digits["cpu_us_per_image"]
     assert list(costs) == ["naive", "pipeline", "stream"]
     assert all(list(parts) == ["workers", "redis"] for parts in costs.values())
-    assert all(isinstance(used, float) and used > 0 for parts in costs.values() for used in parts.values())
+    # Less the idle share (0 where 40 images cost less than the idle rate's noise): never negative.
+    assert all(isinstance(used, float) and used >= 0 for parts in costs.values() for used in parts.values())
     assert "cpu us/image stream" in result.stdout and "one Redis core" in result.stdout
     _check_latency(digits["latency"], target_ms=40, max_batch=16, rounds=2)
 

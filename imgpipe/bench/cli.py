@@ -45,6 +45,8 @@ QUEUE_VARIANTS = ("naive", "pipeline", "stream", "watch", "latency")
 LATENCY_TARGET_MS = {"digits": 50, "photos": 100}
 LATENCY_LOAD = 0.6
 # The ratios the JSON reports: numerator variant / denominator variant, per workload.
+# Seconds each worker set is watched idle for the CPU it uses without work (_Costs).
+IDLE_S = 2.0
 RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "inprocess"), ("pipeline", "naive"))
 PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
@@ -440,25 +442,43 @@ def paired_ratios(per_round: dict[str, list[float]]) -> dict[str, dict[str, floa
 
 class _Costs:
     """CPU per image of the queue variants, per round: the worker commands' processes and the scratch Redis
-    (what one Redis core serves is what caps a cluster of workers that share it)."""
+    (what one Redis core serves is what caps a cluster of workers that share it), less what each uses idle
+    (heartbeats, the reconciler, blocked fetches timing out, Redis's own timers), measured once per worker set
+    before its first measured run: on a slow workload that idle share would otherwise count as the images' cost."""
 
     def __init__(self, images: int) -> None:
         self.images = images
         self.per_image: dict[str, dict[str, list[float]]] = {}
+        self._idle: dict[int, dict[str, float]] = {}  # per worker set: CPU seconds per second when idle
 
     def runner(self, variant: str, workers_set: Workers, run: Callable[[], float]) -> Callable[[], float]:
         def costed() -> float:
-            before = workers_set.cpu_seconds()
+            idle = self._idle.get(id(workers_set))
+            if idle is None:
+                idle = self._idle[id(workers_set)] = self._idle_rates(workers_set)
+            before, start = workers_set.cpu_seconds(), time.perf_counter()
             rate = run()
-            after = workers_set.cpu_seconds()
+            after, seconds = workers_set.cpu_seconds(), time.perf_counter() - start
             seen = self.per_image.setdefault(variant, {})
             for part, used in after.items():
-                start = before[part]
-                if used is not None and start is not None:
-                    seen.setdefault(part, []).append((used - start) / self.images * 1e6)
+                first = before[part]
+                if used is not None and first is not None:
+                    work = max(0.0, used - first - idle.get(part, 0.0) * seconds)
+                    seen.setdefault(part, []).append(work / self.images * 1e6)
             return rate
 
         return costed
+
+    @staticmethod
+    def _idle_rates(workers_set: Workers) -> dict[str, float]:
+        before = workers_set.cpu_seconds()
+        time.sleep(IDLE_S)
+        after = workers_set.cpu_seconds()
+        return {
+            part: (used - first) / IDLE_S
+            for part, used in after.items()
+            if used is not None and (first := before[part]) is not None
+        }
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{variant: {part: median microseconds per image}}."""
