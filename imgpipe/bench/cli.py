@@ -675,7 +675,9 @@ def _table(name: str, result: dict[str, Any]) -> str:
     if "bound" in result:
         lines.append(f"  bound by {result['bound']:<12} inprocess at {result['inprocess_of_ceiling']:.2f} of it")
     if "per_message_overhead_us" in result:
-        lines.append(f"  per-message overhead   {result['per_message_overhead_us']:.0f} us")
+        overhead = result["per_message_overhead_us"]
+        told = f"{overhead:.0f} us" if overhead > 0 else f"{overhead:.0f} us: below the noise (one path ran as fast)"
+        lines.append(f"  per-message overhead   {told}")
     for variant, parts in result.get("cpu_us_per_image", {}).items():
         redis_us = parts["redis"]
         cells = [f"{part} {used:.0f}" for part, used in parts.items()]
