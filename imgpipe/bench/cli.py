@@ -44,9 +44,9 @@ QUEUE_VARIANTS = ("naive", "pipeline", "stream", "watch", "latency")
 # rate of its paced one-path messages as a fraction of the fixed workers' measured one-path capacity.
 LATENCY_TARGET_MS = {"digits": 50, "photos": 100}
 LATENCY_LOAD = 0.6
-# The ratios the JSON reports: numerator variant / denominator variant, per workload.
 # Seconds each worker set is watched idle for the CPU it uses without work (_Costs).
 IDLE_S = 2.0
+# The ratios the JSON reports: numerator variant / denominator variant, per workload.
 RATIOS = (("inprocess", "dataloader"), ("pipeline", "inprocess"), ("stream", "inprocess"), ("pipeline", "naive"))
 PEER = Path(__file__).with_name("peers") / "dataloader_script.py"
 PEER_NUM_WORKERS = (0, 2)
