@@ -23,6 +23,17 @@ from imgpipe.errors import ImgpipeError
 
 T = TypeVar("T")
 
+
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, state first (Linux); None when there is no such
+    process or no /proc. The name may hold spaces and parentheses, so the text is split at its last ')'."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
 # Celery's line once a worker process consumes (its hostname is imgpipe-<pid>@<host>).
 READY = re.compile(r"imgpipe-\d+@\S+ ready\.")
 # The worker's log line naming its /metrics port.

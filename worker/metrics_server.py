@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from imgpipe.errors import ConfigError
+from imgpipe.procs import stat_fields
 from imgpipe.settings import MetricsSettings
 from imgpipe.worker.metrics import (
     GPU_MEMORY_TOTAL,
@@ -235,10 +236,5 @@ def _alive(pid: int) -> bool:
 
 def _zombie(pid: int) -> bool:
     """A process that has exited but not been reaped by its parent yet (Linux; False where /proc is absent)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    # Format: "pid (comm) state ...": comm may contain spaces or parentheses, so split at the last ')'.
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] == "Z"

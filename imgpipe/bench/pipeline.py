@@ -18,7 +18,7 @@ import redis
 from imgpipe import keys
 from imgpipe.bench.results import BenchError, HistogramCounts
 from imgpipe.jobs import JobStatus, create_job, iter_records, job_status, seal_job
-from imgpipe.procs import ProcessError, WorkerProcess, imgpipe_argv, stop_process_group, wait_until
+from imgpipe.procs import ProcessError, WorkerProcess, imgpipe_argv, stat_fields, stop_process_group, wait_until
 from imgpipe.producer.enqueue import Enqueuer, producer_app
 from imgpipe.scan import scan
 from imgpipe.settings import ENV_PREFIX, RedisSettings
@@ -67,13 +67,8 @@ def group_cpu_seconds(pgid: int) -> float | None:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # gone meanwhile
-            continue
-        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (11), stime (12)
+        fields = stat_fields(entry.name) if entry.name.isdigit() else None  # None: gone meanwhile
+        if fields is not None and int(fields[2]) == pgid:  # state, ppid, pgrp, ..., utime (11), stime (12)
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
 
