@@ -449,13 +449,13 @@ class _Costs:
     def __init__(self, images: int) -> None:
         self.images = images
         self.per_image: dict[str, dict[str, list[float]]] = {}
-        self._idle: dict[int, dict[str, float]] = {}  # per worker set: CPU seconds per second when idle
+        self._idle: dict[Workers, dict[str, float]] = {}  # per worker set: CPU seconds per second when idle
 
     def runner(self, variant: str, workers_set: Workers, run: Callable[[], float]) -> Callable[[], float]:
         def costed() -> float:
-            idle = self._idle.get(id(workers_set))
+            idle = self._idle.get(workers_set)
             if idle is None:
-                idle = self._idle[id(workers_set)] = self._idle_rates(workers_set)
+                idle = self._idle[workers_set] = self._idle_rates(workers_set)
             before, start = workers_set.cpu_seconds(), time.perf_counter()
             rate = run()
             after, seconds = workers_set.cpu_seconds(), time.perf_counter() - start
