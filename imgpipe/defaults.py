@@ -97,6 +97,8 @@ LOST_GRACE_S = 10.0
 CONSUMER_RESTART_S = 2.0
 # 1: a worker reloads its model when the model file is replaced (IMGPIPE_RELOAD); SIGHUP reloads either way.
 RELOAD = 0
+# 1: a worker consumes only its model's own queue (jobs pinned to it), not the default queue (IMGPIPE_PINNED_ONLY).
+PINNED_ONLY = 0
 # Seconds a replaced model file must stay quiet before a watching worker loads it (a copy in progress waits).
 RELOAD_SETTLE_S = 1.0
 

@@ -92,6 +92,7 @@ class WorkerSettings:
     max_message_paths: int = defaults.MAX_MESSAGE_PATHS
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     reload: int = defaults.RELOAD  # 1: reload the model when its file is replaced (docs/models.md)
+    pinned_only: int = defaults.PINNED_ONLY  # 1: only the model's own queue, not the default one (docs/models.md)
 
 
 SECTIONS = ("redis", "model", "batch", "producer", "security", "metrics", "exporter", "worker")
@@ -104,7 +105,7 @@ class Var:
     name: str  # after the IMGPIPE_ prefix
     section: str
     attr: str
-    kind: str  # text | int | optional_int | path | roots
+    kind: str  # text | int | optional_int | path | roots | switch (0 or 1)
     help: str
     minimum: int = 0
 
@@ -219,7 +220,7 @@ VARS: tuple[Var, ...] = (
         " holds (ms; 0: off)",
         0,
     ),
-    Var("ALLOW_HARDLINKS", "security", "allow_hardlinks", "int", "1: read files that have other hard links", 0),
+    Var("ALLOW_HARDLINKS", "security", "allow_hardlinks", "switch", "1: read files that have other hard links", 0),
     Var("LEASE_TTL", "worker", "lease_ttl", "int", "seconds a dead worker's messages stay leased before resent", 3),
     Var(
         "WORK_IMAGES",
@@ -231,7 +232,17 @@ VARS: tuple[Var, ...] = (
     ),
     Var("MAX_MESSAGE_PATHS", "worker", "max_message_paths", "int", "larger messages are refused", 1),
     Var("MAX_MESSAGE_BYTES", "worker", "max_message_bytes", "int", "messages with more path text are refused", 1),
-    Var("RELOAD", "worker", "reload", "int", "1: reload the model when its file is replaced (SIGHUP always does)", 0),
+    Var(
+        "RELOAD", "worker", "reload", "switch", "1: reload the model when its file is replaced (SIGHUP always does)", 0
+    ),
+    Var(
+        "PINNED_ONLY",
+        "worker",
+        "pinned_only",
+        "switch",
+        "1: consume only the model's own queue (jobs pinned to it), not the default queue",
+        0,
+    ),
 )
 VARS_BY_NAME = {var.name: var for var in VARS}
 
@@ -308,6 +319,10 @@ def _read(var: Var, raw: str | None, source: str) -> Any:
         return Path(raw).expanduser()
     if var.kind == "roots":
         return parse_roots(raw, source)
+    if var.kind == "switch":
+        if raw.strip() not in ("0", "1"):
+            raise ConfigError(f"{source}={raw!r} must be 0 or 1")
+        return int(raw)
     try:
         number = int(raw)
     except ValueError:

@@ -143,6 +143,12 @@ def test_settings_from_env_parses_and_rejects(tmp_path: Path) -> None:
         Settings.from_env({"IMGPIPE_MAX_BATCH": "0"})
     with pytest.raises(ConfigError, match="is not a directory"):
         Settings.from_env({"IMGPIPE_ALLOWED_ROOTS": str(tmp_path / "nope")})
+    # A 0-or-1 setting takes nothing else (a typo such as 2 or "yes" is not read as on).
+    assert Settings.from_env({"IMGPIPE_PINNED_ONLY": "1"}).worker.pinned_only == 1
+    assert Settings.from_env({}, overrides={"pinned_only": "1"}).worker.pinned_only == 1
+    for wrong in ("2", "yes", "-1"):
+        with pytest.raises(ConfigError, match=f"IMGPIPE_RELOAD='{wrong}' must be 0 or 1"):
+            Settings.from_env({"IMGPIPE_RELOAD": wrong})
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])

@@ -217,18 +217,38 @@ def test_reconcile_sends_a_pinned_jobs_lost_messages_to_its_model_queue(redis_ur
     assert client.llen(keys.model_queue("00112233aabb")) == 2 and client.llen("imgpipe") == 0
 
 
-@pytest.mark.timeout(120)
-def test_with_imgpipe_reload_a_replaced_model_file_is_loaded_without_a_signal(
+@pytest.mark.timeout(150)
+def test_reload_loads_a_replaced_model_file_without_a_signal_and_pinned_only_serves_just_the_models_queue(
     tmp_path: Path, redis_url: str, client: redis.Redis, default_model: Path
 ) -> None:
+    """`imgpipe worker --reload --pinned-only`: the flags as their variables (IMGPIPE_RELOAD, IMGPIPE_PINNED_ONLY).
+    The worker takes only its model's queue, before and after the reload; an unpinned job waits in the default
+    queue for a worker that serves it, and `status` says none does."""
     served = tmp_path / "models" / "served.pt"
     old_id = variant(default_model, served, "alpha", 0.0)
-    with workers_for(tmp_path, redis_url, tmp_path, IMGPIPE_MODEL=str(served), IMGPIPE_RELOAD="1") as workers:
-        worker = workers.start("--device", "cpu")
-        assert [w.model for w in live_workers(client)] == [old_id]
+    data = tmp_path / "data"
+    images = {str(p) for p in write_good(data, 8)}
+    unpinned = enqueue_cli(redis_url, str(data), "--chunk-size", "4")
+    with workers_for(tmp_path, redis_url, tmp_path, IMGPIPE_MODEL=str(served)) as workers:
+        worker = workers.start("--device", "cpu", "--reload", "--pinned-only")
+        [me] = live_workers(client)
+        assert me.model == old_id and me.queues == (keys.model_queue(old_id[-12:]),)
         new_id = variant(default_model, served, "beta", 1e-3)  # export writes a .tmp and renames it
         wait_until(lambda: f"model reloaded: {old_id} -> {new_id}" in worker.log(), 60, "the reload")
-        wait_until(lambda: [w.model for w in live_workers(client)] == [new_id], 30, "the heartbeat names beta")
+        wait_until(
+            lambda: (
+                [(w.model, w.queues) for w in live_workers(client)] == [(new_id, (keys.model_queue(new_id[-12:]),))]
+            ),
+            30,
+            "the heartbeat names beta and its queue only",
+        )
+        pinned = enqueue_cli(redis_url, str(data), "--chunk-size", "4", "--model", new_id)
+        wait_for_job(client, pinned, timeout=90, workers=workers)
+        records = assert_exactly_once(client, pinned, images, queue=keys.model_queue(new_id[-12:]))
+        assert {r["model"] for r in records.values()} == {new_id}
+        assert client.llen("imgpipe") == 2 and client.hlen(keys.job_results(unpinned)) == 0
+        status = run_cli("status", unpinned, env=cli_env(IMGPIPE_REDIS_URL=redis_url))
+        assert "no live worker on queue 'imgpipe'" in status.stdout, status.stdout
 
 
 @pytest.mark.parametrize("chosen", [None, 5], ids=["default", "IMGPIPE_CPU_INFER_BATCH=5"])

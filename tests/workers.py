@@ -159,8 +159,11 @@ def send_raw(redis_url: str, args: Any, message_id: str, headers: dict[str, Any]
         )
 
 
-def assert_exactly_once(client: redis.Redis, job_id: str, inputs: set[str]) -> dict[str, dict[str, Any]]:
-    """The promise: one record per input and nothing else, counters that add up, no leftovers in the queue."""
+def assert_exactly_once(
+    client: redis.Redis, job_id: str, inputs: set[str], queue: str = "imgpipe"
+) -> dict[str, dict[str, Any]]:
+    """The promise: one record per input and nothing else, counters that add up, no leftovers in the job's
+    ``queue`` (a pinned job's: its model's) or unacknowledged."""
     import json
 
     from imgpipe.jobs import iter_records
@@ -173,9 +176,9 @@ def assert_exactly_once(client: redis.Redis, job_id: str, inputs: set[str]) -> d
     assert int(job["done"]) + int(job["failed"]) == int(job["total"]) == len(inputs)
     assert not [e for e in (json.loads(x) for x in client.lrange(keys.DEAD_LETTER, 0, -1)) if e["job"] == job_id]
     try:
-        wait_until(lambda: client.llen("imgpipe") == 0 and client.hlen("unacked") == 0, 30, "queue and unacked empty")
+        wait_until(lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0, 30, "queue and unacked empty")
     except Exception as exc:
-        left = [json.loads(m)["headers"]["id"] for m in client.lrange("imgpipe", 0, -1)]
+        left = [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)]
         unacked = [json.loads(m)[0]["headers"]["id"] for m in client.hvals("unacked")]
         raise AssertionError(
             f"{exc}: queued {left[:5]} ({len(left)}), unacked {unacked[:5]} ({len(unacked)})"

@@ -46,6 +46,12 @@ WORKER_SECTIONS = ("redis", "model", "batch", "security", "metrics", "worker")
 @setting_option("MAX_WAIT_MS", type=click.IntRange(min=0))
 @setting_option("DECODE_THREADS", type=click.IntRange(min=1))
 @setting_option("PREFETCH", type=click.IntRange(min=1))
+@setting_option(
+    "PINNED_ONLY",
+    flag_value="1",
+    help="Consume only the model's own queue (jobs pinned to it with `enqueue --model`), not the default queue",
+)
+@setting_option("RELOAD", flag_value="1", help="Also reload the model when its file is replaced (SIGHUP always does)")
 @click.option("--loglevel", type=click.Choice(LOGLEVELS), default="info", show_default=True, help="Log detail.")
 @click.option("--parent-pid", type=int, hidden=True)
 @click.option(
@@ -69,11 +75,10 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     IMGPIPE_RESULT_TTL_DAYS, IMGPIPE_REDIS_SOCKET_TIMEOUT, IMGPIPE_TOPK, IMGPIPE_MAX_FILE_BYTES,
     IMGPIPE_MAX_PIXELS, IMGPIPE_MAX_DELIVERIES, IMGPIPE_HEALTH_DIR, IMGPIPE_TORCH_THREADS,
     IMGPIPE_CPU_INFER_BATCH, IMGPIPE_MAX_LATENCY_MS, IMGPIPE_ALLOW_HARDLINKS, IMGPIPE_LEASE_TTL,
-    IMGPIPE_WORK_IMAGES, IMGPIPE_MAX_MESSAGE_PATHS, IMGPIPE_MAX_MESSAGE_BYTES (docs/reliability.md),
-    IMGPIPE_RELOAD.
-    It consumes the default queue plus its model's own (jobs pinned with `enqueue --model`); SIGHUP (and with
-    IMGPIPE_RELOAD=1 a replaced model file) reloads the model between batches, keeping the old model if the
-    new file fails its checks (docs/models.md).
+    IMGPIPE_WORK_IMAGES, IMGPIPE_MAX_MESSAGE_PATHS, IMGPIPE_MAX_MESSAGE_BYTES (docs/reliability.md).
+    It consumes the default queue plus its model's own (jobs pinned with `enqueue --model`; only that one
+    with --pinned-only); SIGHUP (and with --reload a replaced model file) reloads the model between batches,
+    keeping the old model if the new file fails its checks (docs/models.md).
     """
     if check or liveness:
         redis_url = {"redis_url": overrides.get("redis_url")}

@@ -97,6 +97,8 @@ class Supervisor:
         env = dict(os.environ)
         env["IMGPIPE_METRICS_PORT"] = ""  # the supervisor serves them all
         env["IMGPIPE_REDIS_URL"] = self.settings.redis.url  # not on the command line: it may hold a password
+        env["IMGPIPE_RELOAD"] = str(self.settings.worker.reload)  # --reload and --pinned-only, as the flags said
+        env["IMGPIPE_PINNED_ONLY"] = str(self.settings.worker.pinned_only)
         if self.devices[index] == "cpu":
             # Share the cores between the CPU processes instead of each using all of them: each has
             # --decode-threads lanes and its share of cores over them for torch (worker/cli.py share_cores).
