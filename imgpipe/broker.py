@@ -20,7 +20,7 @@ from kombu import Queue
 
 from imgpipe import defaults, keys
 from imgpipe.errors import ConfigError
-from imgpipe.messages import SENT_HEADER, VERSION, VERSION_HEADER
+from imgpipe.messages import PATHS_HEADER, SENT_HEADER, VERSION, VERSION_HEADER
 from imgpipe.settings import RedisSettings
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -161,7 +161,7 @@ def publish(
         queue=queue,
         argsrepr=_argsrepr(job_id, paths),
         kwargsrepr="{}",
-        headers={VERSION_HEADER: VERSION, SENT_HEADER: time.time()},
+        headers={VERSION_HEADER: VERSION, SENT_HEADER: time.time(), PATHS_HEADER: len(paths)},
     )
 
 
@@ -179,7 +179,7 @@ _json_text = json.encoder.encode_basestring_ascii
 # Placeholders of the envelope template, as json.dumps writes them ("\u0001id\u0001"); ``_template`` checks
 # that it finds exactly those it placed (an origin or queue name holding one would be refused there).
 _SLOT = re.compile(r'"\\u0001(\w+)\\u0001"')
-_SLOTS = 8  # id 3 times, argsrepr twice, sent, body, tag
+_SLOTS = 9  # id 3 times, argsrepr twice, sent, paths, body, tag
 
 
 def _slot(name: str) -> str:
@@ -221,6 +221,7 @@ class Envelopes:
             id=_json_text(message_id),
             argsrepr=_json_text(_argsrepr(job_id, paths)),
             sent=repr(time.time()),  # float.__repr__, as json.dumps writes a float
+            paths=len(paths),
             body=base64.b64encode(body.encode()).decode(),
             tag=uuid4_text(),
         )
@@ -250,6 +251,7 @@ class Envelopes:
             "stamps": {},
             VERSION_HEADER: VERSION,
             SENT_HEADER: _slot("sent"),
+            PATHS_HEADER: _slot("paths"),
         }
         text = json.dumps(
             {

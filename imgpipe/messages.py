@@ -25,6 +25,9 @@ ACCEPTED = (1, 2)
 VERSION_HEADER = "imgpipe_v"
 # Celery message header with the epoch seconds it was sent at (the reconciler's queue watermark).
 SENT_HEADER = "imgpipe_sent"
+# Celery message header with the number of paths the message carries: a worker's transport reads it to take
+# no more images than it may hold (worker/transport.py TAKE_LUA); a hint only, the body is what counts.
+PATHS_HEADER = "imgpipe_paths"
 
 
 class Refused(Exception):

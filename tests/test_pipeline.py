@@ -136,18 +136,28 @@ def test_a_chunked_job_spreads_over_every_worker_instead_of_the_first_one_taking
         os.link(big, path)
         images.add(str(path))
     big.unlink()
+    small = tmp_path / "small"
+    write_good(small, 16)
     ports = [free_port(), free_port()]
     env = {"IMGPIPE_MAX_BATCH": "8", "IMGPIPE_DECODE_THREADS": "1", "IMGPIPE_ALLOW_HARDLINKS": "1"}
-    with workers_for(tmp_path, redis_url, data, **env) as workers:
+
+    def done_per_worker() -> list[int]:
+        found = [re.search(r'imgpipe_images_total\{status="ok"\} (\d+)', scrape(port)) for port in ports]
+        return [int(match.group(1)) if match else 0 for match in found]
+
+    with workers_for(tmp_path, redis_url, tmp_path, **env) as workers:
         for port in ports:
             workers.start("--metrics-port", str(port))
+        # First a one-path job (as `imgpipe watch` sends): the workers' recent paths per message is then 1, and
+        # they must still take the chunked job by the images they may hold (TAKE_LUA's imgpipe_paths count), not
+        # 16 chunks of 8 at their one-path estimate.
+        stream_job = enqueue_cli(redis_url, str(small), "--chunk-size", "1")
+        wait_for_job(client, stream_job, timeout=120, workers=workers)
+        before = done_per_worker()
         job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "8")
         wait_for_job(client, job_id, timeout=120, workers=workers)
         _exactly_once(client, job_id, images)
-        done = []
-        for port in ports:
-            match = re.search(r'imgpipe_images_total\{status="ok"\} (\d+)', scrape(port))
-            done.append(int(match.group(1)) if match else 0)
+        done = [after - earlier for after, earlier in zip(done_per_worker(), before, strict=True)]
         assert sum(done) == 160 and min(done) >= 40, f"images per worker: {done}\n{workers.logs()}"
 
 

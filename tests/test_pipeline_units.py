@@ -321,15 +321,62 @@ def test_the_transport_takes_messages_in_one_step_and_says_how_many_are_left(cli
     texts = [envelopes.text("job-1", [f"/data/{i}.png"], f"m-{i}", "q") for i in range(6)]
     client.lpush("q", *texts[1:])  # the first is the one BRPOP took
     take = client.register_script(TAKE_LUA)
-    reply = take(keys=["q", "unacked", "unacked_index"], args=[2, time.time(), texts[0]])
+    unbounded = [-1, 1]  # images left (-1: no bound), paths per message without a header
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[2, time.time(), *unbounded, texts[0]])
     assert len(reply) == 3 * 2 + 1 and reply[-1] == 5 - 2
     assert [json.loads(raw)["headers"]["id"] for raw in reply[1:-1:2]] == ["m-0", "m-1", "m-2"]
     tags = [tag.decode() for tag in reply[0:-1:2]]
     assert sorted(k.decode() for k in client.hkeys("unacked")) == sorted(tags)
-    reply = take(keys=["q", "unacked", "unacked_index"], args=[10, time.time()])
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[10, time.time(), *unbounded])
     assert len(reply) == 3 * 2 + 1 and reply[-1] == 0
     client.lpush("q", "not json")
-    assert take(keys=["q", "unacked", "unacked_index"], args=[1, time.time()]) == [b"", b"not json", 0]
+    assert take(keys=["q", "unacked", "unacked_index"], args=[1, time.time(), *unbounded]) == [b"", b"not json", 0]
+
+
+def _ids(reply: list[Any]) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in reply[1:-1:2]]
+
+
+def test_the_transport_takes_no_more_images_than_the_worker_may_hold_whatever_it_saw_before(client: Any) -> None:
+    """A worker that has just served one-path messages (its estimate: 1 path per message) and may hold 128 more
+    images takes 4 chunks of 32 from a chunked job, not 128 of them: TAKE_LUA counts each message by its
+    imgpipe_paths header, pushes back the one that would go past the bound (it stays next in line) and leaves the
+    rest to the other workers. Before, with 2 processes, one took all 10 chunks of a 300-photo job after a
+    one-path job and the other idled (the job ran at 0.66 of the in-process rate, against 1.01)."""
+    from imgpipe.broker import Envelopes
+    from imgpipe.worker.transport import TAKE_LUA
+
+    envelopes = Envelopes()
+    chunks = [envelopes.text("job-1", [f"/d/{i}-{j}.jpg" for j in range(32)], f"c-{i}", "q") for i in range(10)]
+    assert json.loads(chunks[0])["headers"]["imgpipe_paths"] == 32
+    client.lpush("q", *chunks[1:])
+    take = client.register_script(TAKE_LUA)
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[63, time.time(), 128, 1.0, chunks[0]])
+    assert _ids(reply) == ["c-0", "c-1", "c-2", "c-3"] and reply[-1] == 6
+    assert client.hlen("unacked") == 4  # the pushed-back chunk is not recorded as delivered
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[63, time.time(), 40, 1.0])
+    assert _ids(reply) == ["c-4"] and reply[-1] == 5  # the first is taken whatever its size; the next is 24 too many
+    # No room left: the first only (BRPOP's, which the worker asked for), nothing more taken and pushed back.
+    first = client.rpop("q")
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[63, time.time(), 0, 1.0, first])
+    assert _ids(reply) == ["c-5"] and reply[-1] == 4 and client.lindex("q", -1) == chunks[6].encode()
+
+    # A message without the header (another producer) counts at the estimate, here the recent 32 per message.
+    bare = [json.loads(text) for text in chunks[:4]]
+    for message in bare:
+        del message["headers"]["imgpipe_paths"]
+    client.delete("q")
+    client.lpush("q", *[json.dumps(m) for m in bare])
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[63, time.time(), 64, 32.0])
+    assert _ids(reply) == ["c-0", "c-1"] and reply[-1] == 2
+    # A header that is no count (text, negative, huge) is a hint at most: never below one image, never an error.
+    odd = [json.loads(chunks[0]) for _ in range(3)]
+    for message, value in zip(odd, ["lots", -5, 1e308], strict=True):
+        message["headers"]["imgpipe_paths"] = value
+    client.delete("q")
+    client.lpush("q", *[json.dumps(m) for m in odd])
+    reply = take(keys=["q", "unacked", "unacked_index"], args=[63, time.time(), 3, 2.0])
+    assert len(_ids(reply)) == 2 and reply[-1] == 1  # "lots": the estimate 2, -5: 1 image; 1e308: pushed back
 
 
 @pytest.mark.parametrize(

@@ -213,6 +213,16 @@ class Runner:
                 return 1
             return max(1, int(left / self._mean_paths))
 
+    def images_left(self) -> tuple[int, float]:
+        """(Images this process may still take, paths to assume for a message that does not say how many it
+        carries), for the transport's take (worker/transport.py TAKE_LUA): it counts each message by its
+        ``imgpipe_paths`` header, so a worker that has just served one-path messages takes a share of a chunked
+        job, not the whole of it at its one-path estimate (measured: with 2 processes, 300 photos in 10 chunks
+        ran at 0.66 of the in-process rate after a one-path job, 1.01 without one)."""
+        hold = self.hold()
+        with self._lock:
+            return max(0, hold - self._held), max(1.0, self._mean_paths)
+
     def drain(self, timeout: float) -> bool:
         """Wait until every delivery is settled (``pipeline.stopping`` set: those not started go back)."""
         deadline = time.monotonic() + timeout

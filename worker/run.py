@@ -77,7 +77,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         pipeline, message_limits, settings.batch.max_batch, threads=lanes + 1, hold_images=hold_images(settings)
     ).start()
     # Fetch by the images held as well as the messages (worker/app.py), and by the plan under a latency target.
-    transport.hold_by(runner.room, runner.saw_backlog)
+    transport.hold_by(runner.room, runner.saw_backlog, runner.images_left)
     register(app, pipeline, message_limits, runner)
     app.steps["consumer"].add(_drain_step(runner, pipeline.stopping, limits.time_limit))
 

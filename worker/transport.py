@@ -79,18 +79,33 @@ def _describe(message: Any, reason: str) -> str:
     return repr(message)[:200]
 
 
-# Records ARGV[3] (the message BRPOP just returned, if given) and takes up to ARGV[1] more messages from the list
+# Records ARGV[5] (the message BRPOP just returned, if given) and takes up to ARGV[1] more messages from the list
 # KEYS[1], each recorded as delivered and unacknowledged in kombu's own format (KEYS[2]: its unacked hash, tag ->
 # [message, exchange, routing key]; KEYS[3]: its index, tag -> ARGV[2], the time), all in one step; returns
 # {tag, raw message, ..., left} in that order (tag: its delivery tag if recorded; '': not a kombu message, taken off
 # the queue only, for the gate to refuse; left: the messages still in the queue, the backlog the worker's hold
 # reads). The raw text is kept as sent (re-encoding it with cjson would turn empty JSON arrays into objects).
+#
+# Images bound: ARGV[3] images may still be held (negative: no bound). Each message counts the paths its
+# imgpipe_paths header says (imgpipe's producers write it; at least 1), or ARGV[4] (the worker's recent paths per
+# message) without one: a hint only, the body is what the worker counts once it has the message. A message that
+# would go past the bound is pushed back where it was (RPUSH: the next one taken) and the take ends, so a worker
+# that has just served one-path messages does not take a whole chunked job at its one-path estimate while the
+# other workers idle. The first message is always taken.
 TAKE_LUA = """
 local out = {}
-local function record(raw)
+local room, estimate = tonumber(ARGV[3]), tonumber(ARGV[4])
+local bounded = room >= 0
+local function weigh(raw)
   local ok, m = pcall(cjson.decode, raw)
+  if not ok or type(m) ~= 'table' then return nil, 1 end
+  local n = type(m['headers']) == 'table' and tonumber(m['headers']['imgpipe_paths'])
+  if not n or n ~= n then return m, estimate end
+  return m, math.max(1, math.floor(n))
+end
+local function record(raw, m)
   local tag, info
-  if ok and type(m) == 'table' and type(m['properties']) == 'table' then
+  if type(m) == 'table' and type(m['properties']) == 'table' then
     tag, info = m['properties']['delivery_tag'], m['properties']['delivery_info']
   end
   if type(tag) == 'string' and type(info) == 'table' and type(info['exchange']) == 'string'
@@ -104,11 +119,22 @@ local function record(raw)
   end
   out[#out + 1] = raw
 end
-if ARGV[3] then record(ARGV[3]) end
+if ARGV[5] then
+  local m, n = weigh(ARGV[5])
+  record(ARGV[5], m)
+  room = room - n
+end
 for _ = 1, tonumber(ARGV[1]) do
+  if bounded and room < 1 and #out > 0 then break end
   local raw = redis.call('RPOP', KEYS[1])
   if not raw then break end
-  record(raw)
+  local m, n = weigh(raw)
+  if bounded and n > room and #out > 0 then
+    redis.call('RPUSH', KEYS[1], raw)
+    break
+  end
+  record(raw, m)
+  room = room - n
 end
 out[#out + 1] = redis.call('LLEN', KEYS[1])
 return out
@@ -124,6 +150,8 @@ class QoS(kombu_redis.QoS):
 
     # Messages the worker may take now by the images it holds (``Runner.room``); None: the prefetch count only.
     images_room: Callable[[], int] | None = None
+    # (images it may still take, paths per message to assume without a header) (``Runner.images_left``).
+    images_left: Callable[[], tuple[int, float]] | None = None
     # Told the messages left in the queue after each take (``Runner.saw_backlog``); None: nobody asks.
     backlog: Callable[[int], None] | None = None
 
@@ -144,12 +172,10 @@ class QoS(kombu_redis.QoS):
         return super().can_consume() and (room is None or room() > 0)
 
     def room(self) -> int:
-        """Deliveries the prefetch count and the images held still allow."""
+        """Deliveries the prefetch count still allows (TAKE_LUA bounds them by images, ``images_left``)."""
         room = TAKE_MAX
         if self.prefetch_count:
             room = max(0, self.prefetch_count - (len(self._delivered) - len(self._dirty)))
-        if QoS.images_room is not None:
-            room = min(room, QoS.images_room())
         return room
 
 
@@ -203,6 +229,7 @@ class Channel(kombu_redis.Channel):
         the consumer as it would have)."""
         qos = self.qos
         more = max(0, min(TAKE_MAX, qos.room()) - 1) if isinstance(qos, QoS) else 0
+        images, estimate = QoS.images_left() if QoS.images_left is not None else (-1, 1.0)
         try:
             client = self._take_client
             if client is None or client.connection_pool is not self.pool:
@@ -210,7 +237,9 @@ class Channel(kombu_redis.Channel):
             if self._take is None:
                 self._take = client.register_script(TAKE_LUA)
             reply = self._take(
-                keys=[key, qos.unacked_key, qos.unacked_index_key], args=[more, time.time(), first], client=client
+                keys=[key, qos.unacked_key, qos.unacked_index_key],
+                args=[more, time.time(), images, estimate, first],
+                client=client,
             )
         except Exception as exc:  # Redis failed: messages it took meanwhile come back with the visibility timeout
             log.warning("recording a delivery failed (%s); recording it the kombu way", exc)
@@ -247,11 +276,17 @@ class Transport(kombu_redis.Transport):
                 qos._remove_from_indices(tag).execute()
 
 
-def hold_by(room: Callable[[], int] | None, backlog: Callable[[int], None] | None = None) -> None:
-    """Bound this process's fetches by ``room()`` messages as well as the prefetch count (``Runner.room``), and
-    tell ``backlog`` how many messages each take left in the queue (``Runner.saw_backlog``)."""
+def hold_by(
+    room: Callable[[], int] | None,
+    backlog: Callable[[int], None] | None = None,
+    images_left: Callable[[], tuple[int, float]] | None = None,
+) -> None:
+    """Fetch only while ``room()`` > 0 (``Runner.room``) and within the prefetch count, take no more images than
+    ``images_left()`` allows (``Runner.images_left``), and tell ``backlog`` how many messages each take left in
+    the queue (``Runner.saw_backlog``)."""
     QoS.images_room = room
     QoS.backlog = backlog
+    QoS.images_left = images_left
 
 
 def install() -> None:
