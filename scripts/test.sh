@@ -33,4 +33,6 @@ PYTHON=${PYTHON:-python3}
 # Two test processes (pytest-xdist; TEST_PROCESSES=0 runs them in this one): most of the suite's time is
 # spent waiting on real processes (workers started, killed, leases expiring), so two halve it on 2 cores
 # (12.3 -> 6.6 min measured). More would mostly add memory: each test starts its own workers (~0.6 GB each).
-exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" --dist worksteal "$@"
+# --dist loadgroup: the modules that kill and time real workers or keep a core busy share one test process and
+# run one after another (tests/conftest.py HEAVY_MODULES); the other process takes the rest.
+exec .venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"

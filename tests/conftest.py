@@ -104,3 +104,23 @@ def default_model() -> Path:
     path = default_model_path()
     assert path.is_file(), f"{path} missing: run `imgpipe train` (see README)"
     return path
+
+
+# Modules whose tests kill, stop and time real worker processes or keep a core busy (the contention bench): with
+# `pytest -n 2 --dist loadgroup` (scripts/test.sh) they run one after another in one test process, never beside
+# each other, while the other process takes the rest of the suite. Side by side, a busy core or another test's
+# workers could push one of them past its bounds (a supervisor's shutdown took over 20 s once).
+HEAVY_MODULES = {
+    "test_bench.py",
+    "test_faults.py",
+    "test_health.py",
+    "test_pipeline.py",
+    "test_pipeline_failures.py",
+    "test_serving.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in HEAVY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
