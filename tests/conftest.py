@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -85,6 +86,25 @@ def run_cli(
         input=input,
         cwd=REPO,
     )
+
+
+def build_wheel(workdir: Path) -> Path:
+    """The imgpipe wheel, built from a copy of the sources under `workdir`. Never in place: setuptools writes
+    build/ and egg-info next to the sources, and two test processes building there at once collide."""
+    source = workdir / "source"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("imgpipe", "model", "producer", "worker"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheelhouse = workdir / "wheelhouse"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheelhouse), "."],
+        cwd=source, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = wheelhouse.glob("imgpipe-*.whl")
+    return wheel
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, build_wheel, cli_env
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
@@ -639,19 +639,7 @@ def test_a_plain_install_runs_the_producer_commands_without_torch(tmp_path: Path
     """`pip install imgpipe` (the wheel, no extras) in a fresh venv: enqueue, watch, status, results and exporter
     work and torch is absent; a torch command names the extra to install. Dependencies come from this machine's
     pip configuration (its package index or local mirror); the test skips, saying so, if pip cannot reach one."""
-    wheelhouse = tmp_path / "wheelhouse"
-    source = tmp_path / "source"  # a copy: setuptools writes build/ and egg-info next to the sources
-    for name in ("pyproject.toml", "README.md"):
-        (source / name).parent.mkdir(exist_ok=True)
-        shutil.copy(REPO / name, source / name)
-    for name in ("imgpipe", "model", "producer", "worker"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheelhouse), "."],
-        cwd=source, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    [wheel] = wheelhouse.glob("imgpipe-*.whl")
+    wheel = build_wheel(tmp_path / "build")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     installed = subprocess.run(
