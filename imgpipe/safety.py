@@ -12,6 +12,9 @@ from imgpipe.errors import ImageError
 
 # Symlinks one path may go through inside a root (as the kernel's MAXSYMLINKS).
 MAX_LINKS = 40
+# Folder handles a ConfinedReader keeps (the oldest is closed first): a batch whose files lie in many folders
+# must not hold a descriptor for each, in every lane at once.
+MAX_FOLDERS = 8
 _O_PATH = getattr(os, "O_PATH", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -27,27 +30,156 @@ def read_confined(path: str | bytes, roots: Sequence[Path], max_bytes: int, *, a
     The opened descriptor must be a regular file with one link (unless ``allow_hardlinks``) and is what is
     read. With no roots (the embedded ``classify``), the path is opened as given. See docs/reliability.md.
     """
-    raw = os.fsencode(path)
-    if b"\0" in raw:
-        raise ImageError("not_allowed", "path holds a NUL byte")
-    if not roots:
-        flags = os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC
-        try:
-            fd = os.open(raw, flags)
-        except OSError as exc:
-            raise _open_error(exc) from None
-        return _read_fd(fd, max_bytes, check_links=False)
-    if not raw.startswith(b"/"):
-        raise ImageError("not_allowed", f"path must be absolute: {os.fsdecode(raw)!r}")
-    parts = _lexical([], raw.split(b"/"))
-    if parts is None:
+    with ConfinedReader(roots, max_bytes, allow_hardlinks=allow_hardlinks) as reader:
+        return reader.read(path)
+
+
+class ConfinedReader:
+    """``read_confined`` for the files of one batch: each folder is walked once, and its handle is kept until
+    ``close``, so a further file in it costs only its own open and read.
+
+    A worker read a digit in 14 system calls, each of which lets another thread take the GIL; 8 of them were
+    the same walk to the same folder, image after image (measured: 41 us of a worker's CPU per image under
+    contention, against 11 for the embedded default's plain open). A folder handle is as safe as the walk that
+    took it: it names the folder that was beneath the root then, whatever is renamed or swapped for a symlink
+    afterwards, and nothing is ever opened through a path string again. Keep a reader for one batch, not for
+    the life of a process: a folder moved out of the root is still read through a handle taken before.
+    """
+
+    def __init__(self, roots: Sequence[Path], max_bytes: int, *, allow_hardlinks: bool = False) -> None:
+        self.roots = [(os.fsencode(root), [p for p in os.fsencode(root).split(b"/") if p]) for root in roots]
+        self.max_bytes = max_bytes
+        self.allow_hardlinks = allow_hardlinks
+        self._tops: dict[bytes, int] = {}  # root -> its handle
+        # (root, folder parts as written) -> (handle, folder parts as resolved beneath the root)
+        self._folders: dict[tuple[bytes, tuple[bytes, ...]], tuple[int, list[bytes]]] = {}
+
+    def __enter__(self) -> ConfinedReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        handles = [fd for fd, _ in self._folders.values()] + list(self._tops.values())
+        self._folders, self._tops = {}, {}
+        for fd in handles:
+            os.close(fd)
+
+    def read(self, path: str | bytes) -> bytes:
+        raw = os.fsencode(path)
+        if b"\0" in raw:
+            raise ImageError("not_allowed", "path holds a NUL byte")
+        if not self.roots:
+            flags = os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC
+            try:
+                fd = os.open(raw, flags)
+            except OSError as exc:
+                raise _open_error(exc) from None
+            return _read_fd(fd, self.max_bytes, check_links=False)
+        if not raw.startswith(b"/"):
+            raise ImageError("not_allowed", f"path must be absolute: {os.fsdecode(raw)!r}")
+        parts = _lexical([], raw.split(b"/"))
+        if parts is None:
+            raise ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)")
+        for root, root_parts in self.roots:
+            if parts[: len(root_parts)] == root_parts:
+                fd = self._open(root, root_parts, parts[len(root_parts) :])
+                return _read_fd(fd, self.max_bytes, check_links=not self.allow_hardlinks)
         raise ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)")
-    for root in roots:
-        root_parts = [p for p in os.fsencode(root).split(b"/") if p]
-        if parts[: len(root_parts)] == root_parts:
-            fd = _walk(os.fsencode(root), parts[len(root_parts) :])
-            return _read_fd(fd, max_bytes, check_links=not allow_hardlinks)
-    raise ImageError("not_allowed", "path is outside the allowed roots (IMGPIPE_ALLOWED_ROOTS)")
+
+    def _open(self, root: bytes, root_parts: list[bytes], rest: list[bytes]) -> int:
+        """A readable descriptor of the file ``root``/``rest`` reached without leaving ``root``."""
+        links = 0
+        while True:  # one pass per symlink met as the final name
+            if not rest:
+                raise ImageError("not_regular", "not a regular file")
+            folder, below, links = self._folder(root, root_parts, rest[:-1], links)
+            try:
+                return _open_final(rest[-1], folder)
+            except _Symlink:
+                pass
+            target = _readlink(rest[-1], folder)
+            links = _count_link(links)
+            rest = _follow(target, root_parts, below, [])
+
+    def _folder(
+        self, root: bytes, root_parts: list[bytes], parts: list[bytes], links: int
+    ) -> tuple[int, list[bytes], int]:
+        """(Handle, resolved parts, links met so far) of the folder ``root``/``parts``, walked or kept."""
+        key = (root, tuple(parts))
+        kept = self._folders.get(key)
+        if kept is not None:
+            return kept[0], kept[1], links
+        top = self._tops.get(root)
+        if top is None:
+            try:
+                top = self._tops[root] = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            except OSError as exc:
+                raise _open_error(exc) from None
+        if not parts:
+            return top, [], links
+        rest = list(parts)
+        while True:  # one pass per symlink met
+            below: list[bytes] = []  # components opened so far, under the root
+            cur = os.dup(top)
+            try:
+                todo = list(rest)
+                while todo:
+                    name = todo.pop(0)
+                    try:
+                        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_DIRECTORY | _O_CLOEXEC, dir_fd=cur)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise _open_error(exc) from None
+                        target = _readlink(name, cur)
+                        links = _count_link(links)
+                        rest = _follow(target, root_parts, below, todo)
+                        break
+                    os.close(cur)
+                    cur = fd
+                    below.append(name)
+                else:
+                    kept_fd, cur = cur, -1
+                    self._keep(key, kept_fd, below)
+                    return kept_fd, below, links
+            finally:
+                if cur >= 0:
+                    os.close(cur)
+
+    def _keep(self, key: tuple[bytes, tuple[bytes, ...]], fd: int, below: list[bytes]) -> None:
+        if len(self._folders) >= MAX_FOLDERS:
+            os.close(self._folders.pop(next(iter(self._folders)))[0])
+        self._folders[key] = (fd, below)
+
+
+def _readlink(name: bytes, dir_fd: int) -> bytes:
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        raise ImageError("not_found", "a component of the path is not a directory") from None
+
+
+def _count_link(links: int) -> int:
+    if links + 1 > MAX_LINKS:
+        raise ImageError("unreadable", "too many levels of symbolic links")
+    return links + 1
+
+
+def _follow(target: bytes, root_parts: list[bytes], below: list[bytes], todo: list[bytes]) -> list[bytes]:
+    """The parts beneath the root of a symlink's ``target`` met at ``below`` (the resolved parts before it),
+    followed by ``todo`` (the parts after it); ImageError if that leaves the root."""
+    target_parts = target.split(b"/")
+    if target.startswith(b"/"):
+        absolute = _lexical([], target_parts)
+        if absolute is None or absolute[: len(root_parts)] != root_parts:
+            raise _outside()
+        new = _lexical(absolute[len(root_parts) :], todo)
+    else:
+        new = _lexical(below, [*target_parts, *todo])
+    if new is None:
+        raise _outside()
+    return new
 
 
 def _lexical(base: list[bytes], parts: Sequence[bytes]) -> list[bytes] | None:
@@ -71,68 +203,6 @@ def _open_error(exc: OSError) -> ImageError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return ImageError("unreadable", "permission denied")
     return ImageError("unreadable", f"cannot open file: {exc.strerror or exc}")
-
-
-def _walk(root: bytes, rest: list[bytes]) -> int:
-    """A readable descriptor of ``root``/``rest`` reached without leaving ``root`` (see read_confined)."""
-    try:
-        root_fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    except OSError as exc:
-        raise _open_error(exc) from None
-    try:
-        links = 0
-        while True:  # one pass per symlink met
-            below: list[bytes] = []  # components opened so far, under the root
-            cur = os.dup(root_fd)
-            try:
-                todo = list(rest)
-                while todo:
-                    name = todo.pop(0)
-                    last = not todo
-                    try:
-                        if last:
-                            fd = _open_final(name, cur)
-                        else:
-                            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_DIRECTORY | _O_CLOEXEC, dir_fd=cur)
-                    except _Symlink:
-                        fd = -1
-                    except OSError as exc:
-                        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                            raise _open_error(exc) from None
-                        fd = -1
-                    if fd >= 0:
-                        os.close(cur)
-                        cur = fd
-                        below.append(name)
-                        continue
-                    try:
-                        target = os.readlink(name, dir_fd=cur)
-                    except OSError:
-                        raise ImageError("not_found", "a component of the path is not a directory") from None
-                    links += 1
-                    if links > MAX_LINKS:
-                        raise ImageError("unreadable", "too many levels of symbolic links")
-                    target_parts = target.split(b"/")
-                    if target.startswith(b"/"):
-                        root_parts = [p for p in root.split(b"/") if p]
-                        absolute = _lexical([], target_parts)
-                        if absolute is None or absolute[: len(root_parts)] != root_parts:
-                            raise _outside()
-                        new = _lexical(absolute[len(root_parts) :], todo)
-                    else:
-                        new = _lexical(below, [*target_parts, *todo])
-                    if new is None:
-                        raise _outside()
-                    rest = new
-                    break
-                else:
-                    result, cur = cur, -1
-                    return result
-            finally:
-                if cur >= 0:
-                    os.close(cur)
-    finally:
-        os.close(root_fd)
 
 
 class _Symlink(Exception):

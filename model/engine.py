@@ -20,7 +20,7 @@ from imgpipe.errors import ImageError
 from imgpipe.model import export, jit, modelfile, oom
 from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
-from imgpipe.safety import read_confined
+from imgpipe.safety import ConfinedReader
 from imgpipe.settings import SecuritySettings
 
 TopK = list[tuple[str, float]]
@@ -125,14 +125,23 @@ class Engine:
         for _ in range(2):  # the TorchScript profiling executor specialises on the first runs
             self.predict(dummy)
 
-    def load_image(self, path: str) -> torch.Tensor:
-        """Read (confined to the allowed roots, size-bounded), decode and preprocess: (C, H, W)."""
-        data = read_confined(
-            path,
+    def reader(self) -> ConfinedReader:
+        """A reader for one batch's files (confined to the allowed roots, size-bounded; imgpipe/safety.py):
+        each folder walked once. Close it (``with``) when the batch is read."""
+        return ConfinedReader(
             self.security.allowed_roots,
             self.security.max_file_bytes,
             allow_hardlinks=bool(self.security.allow_hardlinks),
         )
+
+    def load_image(self, path: str, reader: ConfinedReader | None = None) -> torch.Tensor:
+        """Read (confined to the allowed roots, size-bounded; with ``reader``, one of a batch), decode and
+        preprocess: (C, H, W)."""
+        if reader is None:
+            with self.reader() as own:
+                data = own.read(path)
+        else:
+            data = reader.read(path)
         image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
         return self.preset.to_pixels(image)
 
@@ -192,10 +201,10 @@ class Engine:
                 records.append(ok_record(path, by_index[i], self.model_id))
         return records
 
-    def safe_load_image(self, path: str) -> torch.Tensor | ImageError:
+    def safe_load_image(self, path: str, reader: ConfinedReader | None = None) -> torch.Tensor | ImageError:
         """``load_image`` that returns the ImageError instead of raising it (any other failure too)."""
         try:
-            return self.load_image(path)
+            return self.load_image(path, reader)
         except ImageError as exc:
             return exc
         except Exception as exc:  # a decoder bug must cost one record, not the run
@@ -237,4 +246,6 @@ class Engine:
                     on_batch(size)
 
     def _run_batch(self, paths: Sequence[str]) -> list[Record]:
-        return self.records_for(paths, [self.safe_load_image(p) for p in paths])
+        with self.reader() as reader:
+            tensors = [self.safe_load_image(p, reader) for p in paths]
+        return self.records_for(paths, tensors)

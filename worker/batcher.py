@@ -102,13 +102,14 @@ class Batcher:
         engine = self.engine  # one model per batch, even if a reload swaps it meanwhile
         tensors = []
         decoded: list[float] = []  # seconds per image, observed together after the batch (metrics.observe_many)
-        for path in paths:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            start = time.perf_counter()
-            tensors.append(engine.safe_load_image(path))
-            decoded.append(time.perf_counter() - start)
-            self._progress()
+        with engine.reader() as reader:  # each folder walked once per batch (imgpipe/safety.py)
+            for path in paths:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                start = time.perf_counter()
+                tensors.append(engine.safe_load_image(path, reader))
+                decoded.append(time.perf_counter() - start)
+                self._progress()
         metrics.observe_many(DECODE_SECONDS, decoded)
         start = time.perf_counter()
         records = engine.records_for(paths[: len(tensors)], tensors)  # error records need no inference
