@@ -85,9 +85,11 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
         send_to_job_queue(job_id, paths, message_id)
         metrics.RESENT.labels(cause="reconciler").inc()
 
+    def own_queue(served: Engine) -> str:  # the queue of jobs pinned to the model served
+        return keys.model_queue(served.metadata.sha256[:12])
+
     def queues_for(served: Engine) -> tuple[str, ...]:  # the default queue (unless pinned only), the model's own
-        own = keys.model_queue(served.metadata.sha256[:12])
-        return (own,) if settings.worker.pinned_only else (settings.redis.queue, own)
+        return (own_queue(served),) if settings.worker.pinned_only else (settings.redis.queue, own_queue(served))
 
     reconciler = Reconciler(client, settings.redis.queue, resend, owner=hostname)
     stop = threading.Event()
@@ -128,7 +130,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
                 return
             batcher.engine = new
             pipeline.engine = new
-            _resubscribe(consuming.get("worker"), queues_for(old)[-1], queues_for(new)[-1])
+            _resubscribe(consuming.get("worker"), own_queue(old), own_queue(new))
             metrics.MODEL_INFO.labels(name=old.metadata.name, sha=old.metadata.sha256[:12]).set(0)
             metrics.describe_worker(str(new.device), new.metadata.name, new.metadata.sha256)
             log.warning("model reloaded: %s -> %s", old.model_id, new.model_id)
