@@ -171,11 +171,11 @@ def test_one_stuck_lane_shows_as_a_stall_while_the_other_lanes_go_on(tmp_path: P
     stuck, release = threading.Event(), threading.Event()
     real = engine.safe_load_image
 
-    def load(path: str) -> Any:  # the first file hangs, as a read on a stalled network mount does
+    def load(path: str, reader: Any = None) -> Any:  # the first file hangs, as a read on a stalled mount does
         if path == good[0]:
             stuck.set()
             release.wait(60)
-        return real(path)
+        return real(path, reader)
 
     engine.safe_load_image = load  # type: ignore[method-assign]
     batcher = Batcher(engine, BatchSettings(max_batch=4, decode_threads=2))
