@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,11 +32,26 @@ def select_device(spec: str) -> torch.device:
     return torch.device(parse_device(spec).resolve(gpus))
 
 
+def padded_size(rows: int) -> int:
+    """The batch size a batch of ``rows`` images is padded to on a GPU: the next power of two up to 64, then the
+    next multiple of 64. A few sizes, so a few cuDNN plans, whatever sizes the batches come in (the last of a
+    job, adaptive batching, a split after out-of-memory); the padding rows are zeros and their outputs dropped."""
+    if rows <= 64:
+        return 1 << max(0, rows - 1).bit_length()
+    return -(-rows // 64) * 64
+
+
 class Engine:
     """A loaded model plus everything needed to turn file paths into result records.
 
     ``load_image`` (read + decode + preprocess, thread-safe) and ``predict`` (one batch) are the two
     halves a caller can schedule separately; ``classify`` pipelines them for a sequence of paths.
+
+    The keyword settings default to what measured fastest on each device (scripts/gpu_configs.py compares them
+    on a GPU): ``amp`` and ``channels_last`` apply on CUDA only; ``jit_optimize`` (the TorchScript executor's
+    profiling and fusion) is on for the CPU, off for CUDA; ``model_thread`` (every batch on one thread of the
+    engine's own; off, the calling threads run the model at once) and ``pad_batches`` (to ``padded_size``) are
+    on for CUDA; ``optimize`` freezes and fuses the module for the CPU.
     """
 
     def __init__(
@@ -50,7 +63,11 @@ class Engine:
         topk: int = 3,
         security: SecuritySettings | None = None,
         amp: bool = True,
+        channels_last: bool = True,
         optimize: bool = True,
+        jit_optimize: bool | None = None,
+        model_thread: bool | None = None,
+        pad_batches: bool | None = None,
         cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
     ) -> None:
         self.module = module
@@ -65,14 +82,23 @@ class Engine:
         self.labels = metadata.labels
         self._cuda = device.type == "cuda"
         self._amp = amp and self._cuda
-        # Lanes (``classify``, the worker's group threads) decode in parallel; on a GPU their batches take turns,
-        # so device memory holds one batch's activations at a time, as with a single inference thread. On the
-        # CPU each lane runs its batch on its own cores (imgpipe/threads.py).
-        self._device_turn: contextlib.AbstractContextManager[object] = (
-            threading.Lock() if self._cuda else contextlib.nullcontext()
-        )
+        self._channels_last = channels_last and self._cuda
+        # The TorchScript graph executor's optimisations (profiling runs, specialisation to the shapes seen, fusion)
+        # for the calls of this engine; None: off on a GPU, on on the CPU (model/jit.py ``executor`` says why).
+        self._jit_optimize = (not self._cuda) if jit_optimize is None else jit_optimize
+        # Lanes (``classify``, the worker's group threads) decode in parallel. On the CPU each lane runs its batch
+        # on its own cores (imgpipe/threads.py). On a GPU every batch runs on one thread of the engine's own
+        # (``model_thread``, default on a GPU): device memory holds one batch's activations at a time, and the
+        # per-thread caches that PyTorch builds slowly (cuDNN plans, one per shape) are built once, not once per
+        # lane (imgpipe/threads.py ``OneThread`` has the measurement). ``pad_batches`` (default on a GPU) pads a
+        # batch to the next of a few sizes (``padded_size``), so that the plans are for those sizes only.
+        on_thread = self._cuda if model_thread is None else model_thread
+        self._model_thread = threads.OneThread("imgpipe-model") if on_thread else None
+        self._pad = self._cuda if pad_batches is None else pad_batches
         if self._cuda:
-            self.module = self.module.to(device).to(memory_format=torch.channels_last)
+            self.module = self.module.to(device)
+            if self._channels_last:
+                self.module = self.module.to(memory_format=torch.channels_last)
         elif optimize:
             # conv + batch-norm folded and fused ops: about 1.6x on the CPU (profiled: inference is most of the
             # time of the demo model). Outputs match the file's module to float tolerance (tests/test_preprocess.py).
@@ -167,14 +193,26 @@ class Engine:
         log.warning("out of memory on a batch of %d images: split in halves and retried", size)
 
     def _predict_rows(self, batch: torch.Tensor) -> list[TopK]:
-        with self._device_turn, torch.inference_mode():
-            if self._cuda:
-                x = batch.pin_memory().to(self.device, non_blocking=True)  # uint8: a quarter of the bytes
-                x = self._normalized(x).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=self._amp):
-                    logits = self.module(x)  # (B, num_classes)
+        if self._model_thread is None:
+            return self._infer(batch)
+        if self._cuda:
+            batch = batch.pin_memory()  # here, on the lane, while the model thread runs the batch before
+        return self._model_thread.run(self._infer, batch)
+
+    def _infer(self, batch: torch.Tensor) -> list[TopK]:
+        rows = batch.shape[0]
+        with torch.inference_mode(), jit.executor(optimize=self._jit_optimize):
+            x = batch.to(self.device, non_blocking=True) if self._cuda else batch  # uint8: a quarter of the bytes
+            x = self._normalized(x)
+            if self._pad and padded_size(rows) > rows:
+                x = torch.cat([x, x.new_zeros((padded_size(rows) - rows, *x.shape[1:]))])
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self._amp:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.module(x)[:rows]  # (B, num_classes)
             else:
-                logits = self.module(self._normalized(batch))  # (B, num_classes)
+                logits = self.module(x)[:rows]
             probs = torch.softmax(logits.float(), dim=1)
             top_p, top_i = probs.topk(self.topk, dim=1)  # (B, k)
             values: list[list[float]] = top_p.cpu().tolist()

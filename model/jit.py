@@ -9,6 +9,7 @@ the model file's metadata carries ``format`` so the loader can dispatch on it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,18 @@ def optimize_for_inference(module: torch.jit.ScriptModule) -> torch.jit.ScriptMo
     """Frozen and fused for inference (conv + batch-norm folded, oneDNN layouts on the CPU)."""
     with _deprecation_acknowledged():
         return torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+
+
+def executor(optimize: bool) -> contextlib.AbstractContextManager[None]:
+    """Whether the graph executor optimises the TorchScript calls made on this thread (a thread-local flag).
+
+    Optimised, the profiling executor runs a graph a few times to record shapes, then specialises and fuses it,
+    again for each new set of shapes, with guards checked on every call. On the CPU the engine serves a frozen,
+    oneDNN-optimised module and keeps this on. On a GPU, under autocast and with batch sizes that change from
+    batch to batch, that machinery is overhead the model's kernels do not need (scripts/gpu_configs.py
+    measures it against the plain interpreter, which dispatches op by op as eager PyTorch does).
+    """
+    return torch.jit.optimized_execution(optimize)
 
 
 def save(module: torch.jit.ScriptModule, path: Path | IO[bytes], extra_files: dict[str, str]) -> None:

@@ -4,7 +4,8 @@
 # `imgpipe bench` table on the GPU: the in-process engine (AMP fp16, channels_last, pinned memory, decode threads
 # sized to the cores), the DataLoader peer, the model's compute ceiling on pre-decoded tensors and the decode
 # ceiling (which one bounds the pipeline, and how close the engine gets), and real `imgpipe worker`s fed
-# through a scratch Redis (pipeline, stream). Bounded to under 8 minutes.
+# through a scratch Redis (pipeline, stream); before it, a table of the engine's inference settings (TorchScript
+# executor, AMP, channels_last) and decode threads (scripts/gpu_configs.py). Bounded to under 8 minutes.
 # Usage: scripts/gpu-check.sh [--cpu] [OUT_DIR]   --cpu: the same run on the CPU (a dry run where there is no GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,10 @@ OUT=${1:-${OUT:-gpu-check-out}}
 BUNDLE=${BUNDLE:-.gpu-bundle}
 PYTHON=${PYTHON:-python3}
 # Sizes: fixed, so runs compare; chosen to fit 8 minutes with worker starts (GPU: ~1 min of that).
-DIGITS=${DIGITS:-4000}
-PHOTOS=${PHOTOS:-600}
+DIGITS=${DIGITS:-2000}
+PHOTOS=${PHOTOS:-400}
 ROUNDS=${ROUNDS:-3}
-LIMIT_S=${LIMIT_S:-420}
+LIMIT_S=${LIMIT_S:-300}
 
 [ -d "$BUNDLE/wheels" ] || { echo "gpu-check: no $BUNDLE/wheels: run scripts/gpu-prepare.sh first" >&2; exit 2; }
 mkdir -p "$OUT"
@@ -46,6 +47,10 @@ fi
 redis-server --version
 export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -P -c "import imgpipe.model.preprocess as p, celery, redis; print('imgpipe ok; jpeg decoder', p.JPEG_DECODER)"
+
+echo "== inference settings and decode threads on $DEVICE (scripts/gpu_configs.py)"
+timeout 150 "$PYTHON" -P scripts/gpu_configs.py "$BUNDLE/demo" --device "$DEVICE" --budget 1.5 \
+  --json "$OUT/configs-$DEVICE.json" 2>&1 | tee "$OUT/configs-$DEVICE.txt" || echo "gpu-check: settings table failed or timed out"
 
 echo "== bench on $DEVICE (limit ${LIMIT_S}s)"
 # One run: both workloads, the engine and its two ceilings, the peer, and real workers through a scratch Redis.

@@ -61,7 +61,7 @@ WHAT = {
     "stream": "the same images one path per message, as a third-party producer sends them",
     "watch": "files moved into a folder `imgpipe watch` streams, first landing to last record",
     "compute": "ceiling: the model alone on pre-decoded batches, from as many threads as lanes (Engine.predict; "
-    "AMP, channels_last, pinned on CUDA)",
+    "on CUDA through one model thread, padded, AMP, channels_last, pinned)",
     "decode": "ceiling: read + decode + preprocess alone, on the engine's decode threads",
 }
 LATENCY_SETS = ("fixed", "adaptive")

@@ -1,0 +1,80 @@
+"""The engine's GPU arrangement, exercised on the CPU with its switches forced on: every batch runs on one thread
+of the engine's own whichever lane asks (PyTorch's cuDNN plans are per thread), padded to a few sizes (the plans
+are per shape), with the same records as the CPU default. On a GPU both are the default (model/engine.py)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgpipe import threads
+from imgpipe.model import modelfile
+from imgpipe.model.engine import Engine, padded_size
+from imgpipe.scan import scan
+
+
+def test_padded_sizes_are_powers_of_two_then_multiples_of_64() -> None:
+    assert [padded_size(n) for n in (1, 2, 3, 5, 8, 9, 33, 63, 64)] == [1, 2, 4, 8, 8, 16, 64, 64, 64]
+    assert [padded_size(n) for n in (65, 128, 129, 200, 256)] == [128, 128, 192, 256, 256]
+    assert len({padded_size(n) for n in range(1, 257)}) == 10  # 256 batch sizes, 10 shapes
+
+
+def test_one_thread_runs_every_call_on_its_thread_and_passes_errors_back() -> None:
+    runner = threads.OneThread("test-one")
+    seen: list[int] = []
+    callers = [threading.Thread(target=lambda: seen.append(runner.run(threading.get_ident))) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert seen == [runner.ident] * 8 and runner.ident != threading.get_ident()
+    # A call from inside a call runs there at once (a wait on its own queue would never end).
+    assert runner.run(lambda: runner.run(threading.get_ident)) == runner.ident
+    with pytest.raises(ZeroDivisionError):
+        runner.run(lambda: 1 / 0)
+    assert runner.run(sum, [1, 2]) == 3  # the thread survives a failed call
+    names = {t.name for t in threading.enumerate()}
+    assert any(name.startswith("test-one") for name in names)
+    runner.close()
+    assert not any(t.name.startswith("test-one") for t in threading.enumerate())
+
+
+class _Recorder(torch.nn.Module):
+    """Stands around the loaded TorchScript module: notes the thread and batch size of each call, then runs it."""
+
+    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((threading.get_ident(), x.shape[0]))
+        return self.inner(x)
+
+
+def test_batches_from_many_lanes_run_on_the_model_thread_padded_with_the_cpu_defaults_records(
+    default_model: Path, demo_data: Path
+) -> None:
+    paths = sorted(scan(demo_data))[:23]
+    module, metadata = modelfile.load(default_model, "cpu")
+    plain = Engine(module, metadata, torch.device("cpu"))
+    arranged = Engine(module, metadata, torch.device("cpu"), model_thread=True, pad_batches=True)
+    assert plain._model_thread is None and arranged._model_thread is not None
+    recorder = _Recorder(arranged.module)
+    arranged.module = recorder
+
+    expected = list(plain.classify(paths, batch_size=5, lanes=3))
+    got = list(arranged.classify(paths, batch_size=5, lanes=3))
+
+    # Batches of 5, 5, 5, 5 and 3 from 3 lanes: all on the model thread, as 8, 8, 8, 8 and 4 rows.
+    assert {ident for ident, _ in recorder.calls} == {arranged._model_thread.ident}
+    assert sorted(size for _, size in recorder.calls) == [4, 8, 8, 8, 8]
+    assert [r["path"] for r in got] == [r["path"] for r in expected] == [str(Path(p).absolute()) for p in paths]
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine["label"] == theirs["label"]
+        assert [label for label, _ in mine["topk"]] == [label for label, _ in theirs["topk"]]
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-4)
+    arranged._model_thread.close()
