@@ -48,6 +48,7 @@ class BatchSettings:
     torch_threads: int = defaults.TORCH_THREADS  # 0: chosen per device by the engine (imgpipe/threads.py)
     max_latency_ms: int = defaults.MAX_LATENCY_MS  # 0: adaptive batching off
     cpu_infer_batch: int = defaults.CPU_INFER_BATCH  # on the CPU, images per forward pass (model/engine.py)
+    serial_decode_bytes: int = defaults.SERIAL_DECODE_BYTES  # files this small: one lane at a time (model/engine.py)
 
     def __post_init__(self) -> None:
         if self.decode_threads == 0:
@@ -210,6 +211,14 @@ VARS: tuple[Var, ...] = (
         "int",
         "on the CPU, images per forward pass: a larger batch runs through the model in pieces of this size",
         1,
+    ),
+    Var(
+        "SERIAL_DECODE_BYTES",
+        "batch",
+        "serial_decode_bytes",
+        "int",
+        "files up to this size are decoded by one lane at a time, larger ones in parallel (bytes; 0: all in parallel)",
+        0,
     ),
     Var(
         "MAX_LATENCY_MS",

@@ -33,6 +33,7 @@ def load_engine(settings: Settings) -> Any:
         torch_threads=settings.batch.torch_threads,
         lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
         cpu_infer_batch=settings.batch.cpu_infer_batch,
+        serial_decode_bytes=settings.batch.serial_decode_bytes,
     )
     heap.settle()  # torch and the model out of the collector's reach (imgpipe/heap.py)
     return engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,8 +70,12 @@ class Engine:
         model_thread: bool | None = None,
         pad_batches: bool | None = None,
         cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
+        serial_decode_bytes: int = defaults.SERIAL_DECODE_BYTES,
     ) -> None:
         self.module = module
+        # Small files are read and decoded by one lane at a time (defaults.SERIAL_DECODE_BYTES has the measurement).
+        self.serial_decode_bytes = max(0, serial_decode_bytes)
+        self._decode_turn = threading.Lock()
         # On the CPU a batch goes through the model in pieces of this many images (IMGPIPE_CPU_INFER_BATCH):
         # their activations stay in the caches (imgpipe/defaults.py has the measurement).
         self.cpu_infer_batch = max(1, cpu_infer_batch)
@@ -118,6 +123,7 @@ class Engine:
         torch_threads: int = 0,
         lanes: int = 0,
         cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
+        serial_decode_bytes: int = defaults.SERIAL_DECODE_BYTES,
     ) -> Engine:
         """Load a model file for ``device``; sets this process's torch intra-op threads to ``torch_threads``
         (0: chosen for the device from the cores available and the ``lanes``, the threads that will run batches
@@ -125,7 +131,15 @@ class Engine:
         dev = select_device(device)
         torch.set_num_threads(torch_threads or threads.torch_threads(dev.type, lanes=lanes))
         module, metadata = modelfile.load(Path(path), dev)
-        return cls(module, metadata, dev, topk=topk, security=security, cpu_infer_batch=cpu_infer_batch)
+        return cls(
+            module,
+            metadata,
+            dev,
+            topk=topk,
+            security=security,
+            cpu_infer_batch=cpu_infer_batch,
+            serial_decode_bytes=serial_decode_bytes,
+        )
 
     @property
     def model_id(self) -> str:
@@ -162,14 +176,24 @@ class Engine:
 
     def load_image(self, path: str, reader: ConfinedReader | None = None) -> torch.Tensor:
         """Read (confined to the allowed roots, size-bounded; with ``reader``, one of a batch), decode and
-        preprocess: (C, H, W)."""
+        preprocess: (C, H, W). A file of at most ``serial_decode_bytes`` is read and decoded by one thread at a
+        time; the lock is let go as soon as a larger file has been read."""
         if reader is None:
             with self.reader() as own:
-                data = own.read(path)
-        else:
+                return self.load_image(path, own)
+        turn = self._decode_turn if self.serial_decode_bytes else None
+        if turn is not None:
+            turn.acquire()
+        try:
             data = reader.read(path)
-        image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
-        return self.preset.to_pixels(image)
+            if turn is not None and len(data) > self.serial_decode_bytes:
+                turn.release()
+                turn = None
+            image = decode_image(data, self.security.max_pixels, self.preset.mode, draft_size=self._draft)
+            return self.preset.to_pixels(image)
+        finally:
+            if turn is not None:
+                turn.release()
 
     def predict(self, batch: torch.Tensor) -> list[TopK]:
         """(B, C, H, W) CPU batch -> top-k (label, probability) per image. uint8 pixels (``load_image``) are

@@ -1,6 +1,7 @@
-"""The engine's GPU arrangement, exercised on the CPU with its switches forced on: every batch runs on one thread
-of the engine's own whichever lane asks (PyTorch's cuDNN plans are per thread), padded to a few sizes (the plans
-are per shape), with the same records as the CPU default. On a GPU both are the default (model/engine.py)."""
+"""How the engine shares its threads. Small files are read and decoded one lane at a time. The GPU arrangement,
+exercised on the CPU with its switches forced on: every batch runs on one thread of the engine's own whichever
+lane asks (PyTorch's cuDNN plans are per thread), padded to a few sizes (the plans are per shape), with the same
+records as the CPU default. On a GPU both are the default (model/engine.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from imgpipe import threads
 from imgpipe.model import modelfile
 from imgpipe.model.engine import Engine, padded_size
 from imgpipe.scan import scan
+from tests.images import digit_like
 
 
 def test_padded_sizes_are_powers_of_two_then_multiples_of_64() -> None:
@@ -78,3 +80,48 @@ def test_batches_from_many_lanes_run_on_the_model_thread_padded_with_the_cpu_def
         assert [label for label, _ in mine["topk"]] == [label for label, _ in theirs["topk"]]
         assert mine["score"] == pytest.approx(theirs["score"], abs=1e-4)
     arranged._model_thread.close()
+
+
+def test_small_files_are_decoded_one_lane_at_a_time_and_larger_ones_in_parallel(
+    default_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMGPIPE_SERIAL_DECODE_BYTES: a file up to that size is read and decoded holding the engine's decode turn
+    (so lanes do not hand the GIL to each other at every system call); a larger one lets it go once read."""
+    from imgpipe.model import engine as engine_module
+
+    small = tmp_path / "small.png"
+    digit_like(1).save(small)  # 8x8: about 140 bytes
+    large = tmp_path / "large.png"
+    digit_like(2, 200).save(large)  # noise, 200x200: about 40 kB
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert small.stat().st_size < 1000 < large.stat().st_size
+
+    engine = Engine.load(default_model, "cpu", serial_decode_bytes=1000)
+    held: list[bool] = []
+    decode = engine_module.decode_image
+
+    def noting(*args: object, **kwargs: object) -> object:
+        held.append(engine._decode_turn.locked())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_image", noting)
+    engine.load_image(str(small))
+    engine.load_image(str(large))
+    assert held == [True, False]
+    assert engine.safe_load_image(str(broken)).reason == "decode"  # type: ignore[union-attr]
+    assert held == [True, False, True] and not engine._decode_turn.locked()  # a failure gives the turn back
+
+    engine.serial_decode_bytes = 0  # IMGPIPE_SERIAL_DECODE_BYTES=0: every file in parallel
+    engine.load_image(str(small))
+    assert held[-1] is False
+
+
+def test_the_serial_decode_setting_reaches_the_engine(default_model: Path) -> None:
+    from imgpipe import defaults
+    from imgpipe.settings import Settings
+
+    assert Settings.from_env({}).batch.serial_decode_bytes == defaults.SERIAL_DECODE_BYTES
+    chosen = Settings.from_env({"IMGPIPE_SERIAL_DECODE_BYTES": "0"}).batch.serial_decode_bytes
+    assert chosen == 0
+    assert Engine.load(default_model, "cpu", serial_decode_bytes=chosen).serial_decode_bytes == 0

@@ -74,8 +74,9 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     Other settings it honours (environment only): IMGPIPE_QUEUE, IMGPIPE_VISIBILITY_TIMEOUT,
     IMGPIPE_RESULT_TTL_DAYS, IMGPIPE_REDIS_SOCKET_TIMEOUT, IMGPIPE_TOPK, IMGPIPE_MAX_FILE_BYTES,
     IMGPIPE_MAX_PIXELS, IMGPIPE_MAX_DELIVERIES, IMGPIPE_HEALTH_DIR, IMGPIPE_TORCH_THREADS,
-    IMGPIPE_CPU_INFER_BATCH, IMGPIPE_MAX_LATENCY_MS, IMGPIPE_ALLOW_HARDLINKS, IMGPIPE_LEASE_TTL,
-    IMGPIPE_WORK_IMAGES, IMGPIPE_MAX_MESSAGE_PATHS, IMGPIPE_MAX_MESSAGE_BYTES (docs/reliability.md).
+    IMGPIPE_CPU_INFER_BATCH, IMGPIPE_SERIAL_DECODE_BYTES, IMGPIPE_MAX_LATENCY_MS, IMGPIPE_ALLOW_HARDLINKS,
+    IMGPIPE_LEASE_TTL, IMGPIPE_WORK_IMAGES, IMGPIPE_MAX_MESSAGE_PATHS, IMGPIPE_MAX_MESSAGE_BYTES
+    (docs/reliability.md).
     It consumes the default queue plus its model's own (jobs pinned with `enqueue --model`; only that one
     with --pinned-only); SIGHUP (and with --reload a replaced model file) reloads the model between batches,
     keeping the old model if the new file fails its checks (docs/models.md).

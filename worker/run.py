@@ -53,6 +53,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
             lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
             cpu_infer_batch=settings.batch.cpu_infer_batch,
+            serial_decode_bytes=settings.batch.serial_decode_bytes,
         )
 
     engine = load_engine(settings.model.resolved_path())

@@ -207,6 +207,7 @@ def bench(
         torch_threads=settings.batch.torch_threads,
         decode_threads=settings.batch.decode_threads,
         cpu_infer_batch=settings.batch.cpu_infer_batch,
+        serial_decode_bytes=settings.batch.serial_decode_bytes,
     )
     cpus = threads.available_cpus()
     summary: dict[str, Any] = {
@@ -275,6 +276,7 @@ class _Options:
     torch_threads: int
     decode_threads: int
     cpu_infer_batch: int
+    serial_decode_bytes: int
 
 
 def _progress(workload: str, round_: int, rounds: int, variant: str, rate: float) -> None:
@@ -317,6 +319,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
             if o.torch_threads:
                 env[f"{ENV_PREFIX}TORCH_THREADS"] = str(o.torch_threads)
             env[f"{ENV_PREFIX}CPU_INFER_BATCH"] = str(o.cpu_infer_batch)
+            env[f"{ENV_PREFIX}SERIAL_DECODE_BYTES"] = str(o.serial_decode_bytes)
             sets = {}
             if "naive" in queue_variants:
                 sets["naive"] = stack.enter_context(
@@ -555,6 +558,7 @@ def _engine(workload: Workload, o: _Options) -> Any:
         torch_threads=o.torch_threads,
         lanes=o.decode_threads,
         cpu_infer_batch=o.cpu_infer_batch,
+        serial_decode_bytes=o.serial_decode_bytes,
     )
 
 
