@@ -92,17 +92,27 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
     with workers_for(tmp_path, redis_url, data, **env) as workers:
         doomed = workers.start()
         job_id = enqueue_cli(redis_url, str(data), "--chunk-size", "8")
-        wait_until(  # killed while it holds messages (between two groups it may briefly hold none)
+
+        def frozen_holding_messages() -> bool:
+            """Stopped (SIGSTOP: no thread of it runs, so what it holds cannot change) while it holds messages;
+            between two groups it may briefly hold none, and then it runs on."""
+            os.killpg(doomed.pid, signal.SIGSTOP)
+            if client.hlen("unacked") > 0:
+                return True
+            os.killpg(doomed.pid, signal.SIGCONT)
+            return False
+
+        wait_until(
             lambda: (
                 sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40
-                and client.hlen("unacked") > 0
+                and frozen_holding_messages()
             ),
             60,
             "40 records written, messages held",
             interval=0.005,
             check=doomed.check_alive,
         )
-        doomed.kill9()
+        doomed.kill9()  # SIGKILL ends a stopped process too
         completed = sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"]))
         held = client.hlen("unacked")  # kombu's record of messages taken and not acknowledged
         assert completed < len(images), "the worker finished before it could be killed; use more images"
