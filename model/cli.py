@@ -34,6 +34,7 @@ def load_engine(settings: Settings) -> Any:
         lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
         cpu_infer_batch=settings.batch.cpu_infer_batch,
         serial_decode_bytes=settings.batch.serial_decode_bytes,
+        warm_batch=settings.batch.max_batch,
     )
     heap.settle()  # torch and the model out of the collector's reach (imgpipe/heap.py)
     return engine

@@ -52,7 +52,8 @@ class Engine:
     on a GPU): ``amp`` and ``channels_last`` apply on CUDA only; ``jit_optimize`` (the TorchScript executor's
     profiling and fusion) is on for the CPU, off for CUDA; ``model_thread`` (every batch on one thread of the
     engine's own; off, the calling threads run the model at once) and ``pad_batches`` (to ``padded_size``) are
-    on for CUDA; ``optimize`` freezes and fuses the module for the CPU.
+    on for CUDA; ``optimize`` freezes and fuses the module for the CPU. With padding, the warm-up also runs a batch
+    of ``warm_batch`` (the largest the caller will send), so the first real batch finds its plans built.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Engine:
         pad_batches: bool | None = None,
         cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
         serial_decode_bytes: int = defaults.SERIAL_DECODE_BYTES,
+        warm_batch: int = defaults.MAX_BATCH,
     ) -> None:
         self.module = module
         # Small files are read and decoded by one lane at a time (defaults.SERIAL_DECODE_BYTES has the measurement).
@@ -110,7 +112,7 @@ class Engine:
             self.module = self._optimized(self.module)
         # JPEG DCT scaling: decode at >= this size instead of full resolution.
         self._draft = max(1, round(self.preset.input_size / self.preset.crop_ratio))
-        self._warm_up()
+        self._warm_up(warm_batch)
 
     @classmethod
     def load(
@@ -124,6 +126,7 @@ class Engine:
         lanes: int = 0,
         cpu_infer_batch: int = defaults.CPU_INFER_BATCH,
         serial_decode_bytes: int = defaults.SERIAL_DECODE_BYTES,
+        warm_batch: int = defaults.MAX_BATCH,
     ) -> Engine:
         """Load a model file for ``device``; sets this process's torch intra-op threads to ``torch_threads``
         (0: chosen for the device from the cores available and the ``lanes``, the threads that will run batches
@@ -139,6 +142,7 @@ class Engine:
             security=security,
             cpu_infer_batch=cpu_infer_batch,
             serial_decode_bytes=serial_decode_bytes,
+            warm_batch=warm_batch,
         )
 
     @property
@@ -159,11 +163,13 @@ class Engine:
             return module
         return candidate
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, batch: int) -> None:
         size = self.preset.input_size
         dummy = torch.zeros(2, self.preset.channels, size, size)
         for _ in range(2):  # the TorchScript profiling executor specialises on the first runs
             self.predict(dummy)
+        if self._pad and padded_size(batch) > 2:  # the full batch's size too: its cuDNN plans take ~1 s to build
+            self.predict(torch.zeros(padded_size(batch), self.preset.channels, size, size))
 
     def reader(self) -> ConfinedReader:
         """A reader for one batch's files (confined to the allowed roots, size-bounded; imgpipe/safety.py):

@@ -125,3 +125,13 @@ def test_the_serial_decode_setting_reaches_the_engine(default_model: Path) -> No
     chosen = Settings.from_env({"IMGPIPE_SERIAL_DECODE_BYTES": "0"}).batch.serial_decode_bytes
     assert chosen == 0
     assert Engine.load(default_model, "cpu", serial_decode_bytes=chosen).serial_decode_bytes == 0
+
+
+def test_with_padding_the_warm_up_runs_the_full_batch_size_too(default_model: Path) -> None:
+    module, metadata = modelfile.load(default_model, "cpu")
+    padded = _Recorder(module)
+    Engine(padded, metadata, torch.device("cpu"), optimize=False, pad_batches=True, model_thread=True, warm_batch=20)
+    assert [size for _, size in padded.calls] == [2, 2, 32]  # 20 images pad to 32: those plans are built first
+    plain = _Recorder(module)
+    Engine(plain, metadata, torch.device("cpu"), optimize=False, warm_batch=20)
+    assert [size for _, size in plain.calls] == [2, 2]  # the CPU default: no padding, no extra warm-up

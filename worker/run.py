@@ -54,6 +54,7 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
             lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
             cpu_infer_batch=settings.batch.cpu_infer_batch,
             serial_decode_bytes=settings.batch.serial_decode_bytes,
+            warm_batch=settings.batch.max_batch,
         )
 
     engine = load_engine(settings.model.resolved_path())

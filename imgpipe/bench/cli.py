@@ -559,6 +559,7 @@ def _engine(workload: Workload, o: _Options) -> Any:
         lanes=o.decode_threads,
         cpu_infer_batch=o.cpu_infer_batch,
         serial_decode_bytes=o.serial_decode_bytes,
+        warm_batch=o.batch_size,
     )
 
 
