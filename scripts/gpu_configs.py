@@ -70,16 +70,18 @@ def _time_calls(call, budget: float, at_least: int = 3) -> list[float]:
 
 def _threaded_rate(work: Callable[[int], int], count: int, budget: float) -> float:
     """Items per second of ``count`` threads each calling ``work(lane)`` (it returns the items it did) until
-    ``budget`` seconds have passed."""
+    ``budget`` seconds have passed, at least once each."""
     done = [0]
     lock = threading.Lock()
     end = time.perf_counter() + budget
 
     def lane(index: int) -> None:
-        while time.perf_counter() < end:
+        while True:  # at least one call each, however late the thread starts
             items = work(index)
             with lock:
                 done[0] += items
+            if time.perf_counter() >= end:
+                return
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=count) as pool:
@@ -105,7 +107,12 @@ def measure_setting(path: Path, device: torch.device, kwargs: dict, batch: torch
         if time.perf_counter() - start > 4 * budget:
             break
     shapes_s = time.perf_counter() - start
-    return {"load_s": round(load_s, 2), "b64_ms": round(ms, 2), "rate": round(rate, 1), "shapes_s": round(shapes_s, 2)}
+    return {
+        "load_s": round(load_s, 2),
+        "b64_ms": round(ms, 2),
+        "rate": None if rate is None else round(rate, 1),
+        "shapes_s": round(shapes_s, 2),
+    }
 
 
 def _decode_next(engine: Engine, paths: list[str], taken: Iterator[int], _lane: int) -> int:
@@ -153,10 +160,8 @@ def main() -> None:
             for label, kwargs in SETTINGS.items():
                 row = measure_setting(model, device, kwargs, batch, lanes, args.budget)
                 table[label] = row
-                print(
-                    f"{name}: {label:<18} {row['load_s']:>7} {row['b64_ms']:>8} {row['rate']:>11} {row['shapes_s']:>9}",
-                    flush=True,
-                )
+                cells = f"{row['load_s']:>7} {row['b64_ms']:>8} {row['rate']!s:>11} {row['shapes_s']:>9}"
+                print(f"{name}: {label:<18} {cells}", flush=True)
             scaling = decode_scaling(base, paths, args.budget)
             print(
                 f"{name}: decode images/s by threads " + ", ".join(f"{k}: {v}" for k, v in scaling.items()), flush=True

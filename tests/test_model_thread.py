@@ -135,3 +135,39 @@ def test_with_padding_the_warm_up_runs_the_full_batch_size_too(default_model: Pa
     plain = _Recorder(module)
     Engine(plain, metadata, torch.device("cpu"), optimize=False, warm_batch=20)
     assert [size for _, size in plain.calls] == [2, 2]  # the CPU default: no padding, no extra warm-up
+
+
+def test_the_gpu_settings_table_runs_on_the_cpu_and_reports_every_setting(demo_data: Path, tmp_path: Path) -> None:
+    """scripts/gpu_configs.py (run by scripts/gpu-check.sh on a GPU) at a tiny budget, on the CPU."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_configs.py"
+    out = tmp_path / "configs.json"
+    done = subprocess.run(
+        [sys.executable, "-P", str(script), str(demo_data), "--device", "cpu", "--budget", "0.02", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert table["device"] == "cpu" and table["lanes"] >= 1
+    for name in ("digits", "photos"):
+        workload = table["workloads"][name]
+        assert set(workload["settings"]) == {
+            "current",
+            "lanes call model",
+            "no padding",
+            "jit optimize on",
+            "fp32",
+            "contiguous",
+            "plain",
+        }
+        for row in workload["settings"].values():
+            assert row["load_s"] >= 0 and row["b64_ms"] > 0 and row["shapes_s"] > 0
+            assert row["rate"] is None or row["rate"] > 0
+        assert set(workload["decode_by_threads"]) == {"1", "2", "4", "8", "16"}
+        assert all(rate > 0 for rate in workload["decode_by_threads"].values())
+        assert f"{name}: current" in done.stdout
