@@ -171,3 +171,25 @@ def test_the_gpu_settings_table_runs_on_the_cpu_and_reports_every_setting(demo_d
         assert set(workload["decode_by_threads"]) == {"1", "2", "4", "8", "16"}
         assert all(rate > 0 for rate in workload["decode_by_threads"].values())
         assert f"{name}: current" in done.stdout
+
+
+def test_a_dropped_engine_ends_its_model_thread_so_reloads_leak_no_threads(default_model: Path) -> None:
+    """A worker's reload drops the old engine once its lanes are done with it: its model thread must end then."""
+    import time
+
+    module, metadata = modelfile.load(default_model, "cpu")
+
+    def model_threads() -> int:
+        return sum(t.name.startswith("imgpipe-model") for t in threading.enumerate())
+
+    before = model_threads()
+    for _ in range(3):  # three "reloads"
+        engine = Engine(module, metadata, torch.device("cpu"), model_thread=True, pad_batches=True)
+        side = metadata.preset.input_size
+        engine.predict(torch.zeros(3, metadata.preset.channels, side, side, dtype=torch.uint8))
+        assert model_threads() == before + 1
+        del engine
+        deadline = time.monotonic() + 10
+        while model_threads() > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert model_threads() == before
