@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Latencies kept for the p95.
@@ -41,12 +42,17 @@ class Plan:
 class BatchSizer:
     """Sizes batches so that the p95 latency from receipt to record stays under ``target_s``."""
 
-    def __init__(self, max_batch: int, max_wait_s: float, target_s: float) -> None:
+    def __init__(
+        self, max_batch: int, max_wait_s: float, target_s: float, fit: Callable[[int], int] | None = None
+    ) -> None:
+        """``fit(n)``: the largest batch size of at most ``n`` that costs less than a larger one (an engine that
+        pads batches to a few sizes on a GPU runs 40 images as 64: ``Engine.fitting_batch``); None: any size."""
         if max_batch < 1 or target_s <= 0 or max_wait_s < 0:
             raise ValueError("max_batch >= 1, target_s > 0 and max_wait_s >= 0 are required")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.target_s = target_s
+        self.fit = fit
         self.per_image_s: float | None = None  # moving average of inference seconds per image
         self.correction = 1.0
         self._latencies: deque[float] = deque(maxlen=WINDOW)
@@ -58,6 +64,8 @@ class BatchSizer:
             return Plan(self.max_batch, min(self.max_wait_s, self.target_s / 4))
         fits = self.target_s / (2 * self.per_image_s)
         size = max(1, min(self.max_batch, math.floor(fits * self.correction)))
+        if self.fit is not None:
+            size = max(1, min(size, self.fit(size)))
         slack = self.target_s - 2 * size * self.per_image_s
         return Plan(size, max(0.0, min(self.max_wait_s, slack)))
 

@@ -42,6 +42,13 @@ def padded_size(rows: int) -> int:
     return -(-rows // 64) * 64
 
 
+def fitting_size(rows: int) -> int:
+    """The largest batch size of at most ``rows`` (at least 1) that ``padded_size`` leaves as it is."""
+    if rows <= 64:
+        return 1 << (max(1, rows).bit_length() - 1)
+    return rows // 64 * 64
+
+
 class Engine:
     """A loaded model plus everything needed to turn file paths into result records.
 
@@ -170,6 +177,11 @@ class Engine:
             self.predict(dummy)
         if self._pad and padded_size(batch) > 2:  # the full batch's size too: its cuDNN plans take ~1 s to build
             self.predict(torch.zeros(padded_size(batch), self.preset.channels, size, size))
+
+    def fitting_batch(self, rows: int) -> int:
+        """The largest batch of at most ``rows`` images this engine runs with no padding rows (``rows`` itself
+        where it does not pad): what adaptive batching plans, so that a planned batch pays for no padding."""
+        return fitting_size(rows) if self._pad else rows
 
     def reader(self) -> ConfinedReader:
         """A reader for one batch's files (confined to the allowed roots, size-bounded; imgpipe/safety.py):

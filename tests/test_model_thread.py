@@ -193,3 +193,17 @@ def test_a_dropped_engine_ends_its_model_thread_so_reloads_leak_no_threads(defau
         while model_threads() > before and time.monotonic() < deadline:
             time.sleep(0.01)
         assert model_threads() == before
+
+
+def test_fitting_sizes_are_the_largest_padded_sizes_below_and_only_a_padding_engine_uses_them(
+    default_model: Path,
+) -> None:
+    from imgpipe.model.engine import fitting_size
+
+    assert [fitting_size(n) for n in (0, 1, 2, 3, 25, 63, 64, 65, 127, 128, 200)] == [
+        1, 1, 2, 2, 16, 32, 64, 64, 64, 128, 192,
+    ]  # fmt: skip
+    assert all(padded_size(fitting_size(n)) == fitting_size(n) <= max(1, n) for n in range(0, 300))
+    module, metadata = modelfile.load(default_model, "cpu")
+    assert Engine(module, metadata, torch.device("cpu"), pad_batches=True).fitting_batch(25) == 16
+    assert Engine(module, metadata, torch.device("cpu")).fitting_batch(25) == 25  # the CPU default: any size

@@ -189,3 +189,20 @@ def test_settling_the_heap_collects_the_garbage_then_freezes_what_is_alive() -> 
     result = json.loads(out)
     assert result["frozen"] >= 1000 and result["cycle_freed"] and result["late_freed"]
     assert result["tracked_after"] < result["frozen"]  # full collections now see only what came later
+
+
+def test_batch_sizer_plans_sizes_the_engine_runs_without_padding() -> None:
+    """On a GPU the engine pads a batch to a power of two up to 64 (model/engine.py): a plan of 25 images would
+    cost what 32 do, so the sizer plans 16, and the fill wait is worked out for that size."""
+    from imgpipe.model.engine import fitting_size
+
+    sizer = BatchSizer(max_batch=64, max_wait_s=0.05, target_s=0.2, fit=fitting_size)
+    assert sizer.plan() == Plan(64, 0.05)  # nothing measured: the configured batch, itself a fitting size
+    for _ in range(20):
+        sizer.observe_batch(64, 64 * 0.004)  # 4 ms per image: 25 fit the target
+    plan = sizer.plan()
+    assert plan.size == 16
+    assert plan.wait_s == pytest.approx(min(0.05, 0.2 - 2 * 16 * 0.004))
+    unfitted = BatchSizer(max_batch=64, max_wait_s=0.05, target_s=0.2)
+    unfitted.observe_batch(64, 64 * 0.004)
+    assert unfitted.plan().size == 25

@@ -47,7 +47,12 @@ class Batcher:
         self.max_wait = settings.max_wait_ms / 1000.0
         # throughput hook: IMGPIPE_MAX_LATENCY_MS sizes each batch (imgpipe/batching.py); None: fixed sizes.
         self.sizer = (
-            BatchSizer(settings.max_batch, self.max_wait, settings.max_latency_ms / 1000.0)
+            BatchSizer(
+                settings.max_batch,
+                self.max_wait,
+                settings.max_latency_ms / 1000.0,
+                fit=lambda rows: self.engine.fitting_batch(rows),  # the engine of the moment (reloads)
+            )
             if settings.max_latency_ms
             else None
         )
