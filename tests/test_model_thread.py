@@ -175,6 +175,7 @@ def test_the_gpu_settings_table_runs_on_the_cpu_and_reports_every_setting(demo_d
 
 def test_a_dropped_engine_ends_its_model_thread_so_reloads_leak_no_threads(default_model: Path) -> None:
     """A worker's reload drops the old engine once its lanes are done with it: its model thread must end then."""
+    import gc
     import time
 
     module, metadata = modelfile.load(default_model, "cpu")
@@ -191,6 +192,7 @@ def test_a_dropped_engine_ends_its_model_thread_so_reloads_leak_no_threads(defau
         del engine
         deadline = time.monotonic() + 10
         while model_threads() > before and time.monotonic() < deadline:
+            gc.collect()  # should the engine sit in a reference cycle: "garbage-collected" is the promise
             time.sleep(0.01)
         assert model_threads() == before
 
