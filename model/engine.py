@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -246,15 +247,13 @@ class Engine:
         with torch.inference_mode(), jit.executor(optimize=self._jit_optimize):
             x = batch.to(self.device, non_blocking=True) if self._cuda else batch  # uint8: a quarter of the bytes
             x = self._normalized(x)
-            if self._pad and padded_size(rows) > rows:
-                x = torch.cat([x, x.new_zeros((padded_size(rows) - rows, *x.shape[1:]))])
+            padding = padded_size(rows) - rows if self._pad else 0
+            if padding:
+                x = torch.cat([x, x.new_zeros((padding, *x.shape[1:]))])
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self._amp:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    logits = self.module(x)[:rows]  # (B, num_classes)
-            else:
-                logits = self.module(x)[:rows]
+            with torch.autocast("cuda", dtype=torch.float16) if self._amp else contextlib.nullcontext():
+                logits = self.module(x)[:rows]  # (B, num_classes): the padding rows' outputs dropped
             probs = torch.softmax(logits.float(), dim=1)
             top_p, top_i = probs.topk(self.topk, dim=1)  # (B, k)
             values: list[list[float]] = top_p.cpu().tolist()
