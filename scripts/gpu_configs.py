@@ -10,7 +10,8 @@ model (the demo digits CNN, a random mobilenet_v3_small at 224 px) and each sett
   img/s xN  images/s with N fresh threads calling predict at once, as the engine's lanes do (None where one
             batch is so slow that N turns would outlast the budget four times);
   shapes s  seconds for 8 batches of 8 new sizes (57-64 images): what changing batch sizes cost.
-Then read + decode + preprocess (``Engine.safe_load_image``) with 1, 2, 4, 8 and 16 threads.
+Then read + decode + preprocess (``Engine.safe_load_image``) with 1, 2, 4, 8 and 16 threads, as the engine does it
+(small files one thread at a time, IMGPIPE_SERIAL_DECODE_BYTES) and with every file in parallel (that setting 0).
 
 Usage: python -P scripts/gpu_configs.py DIGITS_DIR [--device cuda] [--json OUT] [--budget SECONDS]
 Each measurement stops after --budget seconds (default 2), so the whole table takes about a minute.
@@ -162,11 +163,16 @@ def main() -> None:
                 table[label] = row
                 cells = f"{row['load_s']:>7} {row['b64_ms']:>8} {row['rate']!s:>11} {row['shapes_s']:>9}"
                 print(f"{name}: {label:<18} {cells}", flush=True)
-            scaling = decode_scaling(base, paths, args.budget)
-            print(
-                f"{name}: decode images/s by threads " + ", ".join(f"{k}: {v}" for k, v in scaling.items()), flush=True
-            )
-            out["workloads"][name] = {"settings": table, "decode_by_threads": scaling}
+            out["workloads"][name] = {"settings": table}
+            serial = base.serial_decode_bytes
+            for key, limit in (("decode_by_threads", serial), ("decode_by_threads_parallel", 0)):
+                base.serial_decode_bytes = limit
+                scaling = out["workloads"][name][key] = decode_scaling(base, paths, args.budget)
+                rates = ", ".join(f"{k}: {v}" for k, v in scaling.items())
+                print(
+                    f"{name}: decode images/s by threads, small files serial up to {limit} bytes: {rates}", flush=True
+                )
+            base.serial_decode_bytes = serial
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 
