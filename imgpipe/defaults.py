@@ -15,8 +15,8 @@ CPU_INFER_BATCH = 32
 # Files up to this many bytes are read, decoded and preprocessed by one lane at a time (0: never). Such an image
 # is mostly Python (reading, Pillow's setup, the preset), and lanes doing it at once hand the GIL to each other at
 # every system call: on 2 x86-64 cores the demo digits decoded at ~12,000 img/s on one thread and ~5,000 on two
-# (on a 16-core GPU host: 7,474 on one, 2,285 on 16). A larger file's decoding releases the GIL and runs in
-# parallel (640x480 JPEGs are 50-100 kB).
+# (on a 16-core GPU host: 7,474 on one, 2,285 on 16; scripts/gpu_configs.py prints both ways). A larger file's
+# decoding releases the GIL and runs in parallel (640x480 JPEGs are 50-100 kB).
 SERIAL_DECODE_BYTES = 16384
 # Longest a worker waits to fill a batch before running a partial one (milliseconds).
 MAX_WAIT_MS = 50
