@@ -6,11 +6,21 @@
 # ceiling (which one bounds the pipeline, and how close the engine gets), and real `imgpipe worker`s fed
 # through a scratch Redis (pipeline, stream); before it, a table of the engine's inference settings (TorchScript
 # executor, AMP, channels_last) and decode threads (scripts/gpu_configs.py). Bounded to under 8 minutes.
-# Usage: scripts/gpu-check.sh [--cpu] [OUT_DIR]   --cpu: the same run on the CPU (a dry run where there is no GPU)
+# --scaling instead runs what a deployment sizes on the GPU: the digits' in-process rate by the engine's decode
+# threads (IMGPIPE_DECODE_THREADS), and the photos through real workers by worker processes sharing the one GPU
+# (--concurrency), and the model alone in 1, 2 and 4 processes sharing the device (scripts/gpu_processes.py): how
+# much more processes lift a decode-bound pipeline, and what sharing one GPU among CUDA contexts costs. About 6
+# minutes; SCALING_THREADS, SCALING_PROCESSES, SCALING_MODEL_PROCESSES pick the counts ("" skips a part).
+# Usage: scripts/gpu-check.sh [--cpu] [--scaling] [OUT_DIR]   --cpu: the same run on the CPU (a dry run where
+# there is no GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
-if [ "${1:-}" = "--cpu" ]; then DEVICE=cpu; shift; fi
+SCALING=
+while [ "${1:-}" = "--cpu" ] || [ "${1:-}" = "--scaling" ]; do
+  if [ "$1" = "--cpu" ]; then DEVICE=cpu; else SCALING=1; fi
+  shift
+done
 OUT=${1:-${OUT:-gpu-check-out}}
 BUNDLE=${BUNDLE:-.gpu-bundle}
 PYTHON=${PYTHON:-python3}
@@ -47,6 +57,26 @@ fi
 redis-server --version
 export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -P -c "import imgpipe.model.preprocess as p, celery, redis; print('imgpipe ok; jpeg decoder', p.JPEG_DECODER)"
+
+if [ -n "$SCALING" ]; then
+  echo "== the model alone in processes sharing $DEVICE (scripts/gpu_processes.py)"
+  timeout 150 "$PYTHON" -P scripts/gpu_processes.py --device "$DEVICE" --processes "${SCALING_MODEL_PROCESSES-1,2,4}" \
+    --json "$OUT/scaling-model-processes.json" || echo "gpu-check: failed or timed out"
+  for threads in ${SCALING_THREADS-2 4 8 16}; do
+    echo "== digits in-process on $DEVICE, IMGPIPE_DECODE_THREADS=$threads"
+    IMGPIPE_DECODE_THREADS=$threads timeout 60 "$PYTHON" -P -m imgpipe bench "$BUNDLE/demo" --device "$DEVICE" \
+      --workload digits --variants inprocess,decode,dataloader --images "$DIGITS" --rounds 2 \
+      --json "$OUT/scaling-digits-threads$threads.json" 2>/dev/null | grep -v '^{' || echo "gpu-check: failed or timed out"
+  done
+  for processes in ${SCALING_PROCESSES-1 2 4}; do
+    echo "== photos through a worker on $DEVICE, --concurrency $processes"
+    timeout 90 "$PYTHON" -P -m imgpipe bench --device "$DEVICE" --workload photos --variants inprocess,pipeline \
+      --concurrency "$processes" --photos "$PHOTOS" --rounds 2 \
+      --json "$OUT/scaling-photos-processes$processes.json" 2>/dev/null | grep -v '^{' || echo "gpu-check: failed or timed out"
+  done
+  echo "== done: $OUT/scaling-*.json"
+  exit 0
+fi
 
 echo "== inference settings and decode threads on $DEVICE (scripts/gpu_configs.py)"
 timeout 200 "$PYTHON" -P scripts/gpu_configs.py "$BUNDLE/demo" --device "$DEVICE" --budget 1.0 \

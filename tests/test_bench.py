@@ -108,6 +108,12 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     # Less the idle share (0 where 40 images cost less than the idle rate's noise): never negative.
     assert all(isinstance(used, float) and used >= 0 for parts in costs.values() for used in parts.values())
     assert "cpu us/image stream" in result.stdout and "one Redis core" in result.stdout
+    # Where the workers' time went, from their stage histograms: every stage observed in every queue variant.
+    stages = digits["stage_ms"]
+    assert list(stages) == ["naive", "pipeline", "stream"]
+    assert all(list(parts) == ["decode", "infer", "write"] for parts in stages.values())
+    assert all(isinstance(ms, float) and ms > 0 for parts in stages.values() for ms in parts.values())
+    assert "worker ms stream" in result.stdout
     _check_latency(digits["latency"], target_ms=40, max_batch=16, rounds=2)
 
     enqueue = summary["enqueue"]
@@ -147,6 +153,7 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
         "mean_batch",
         "per_message_overhead_us",
         "cpu_us_per_image",
+        "stage_ms",
         "bound",
         "inprocess_of_ceiling",
         "latency",

@@ -210,3 +210,26 @@ def test_fitting_sizes_are_the_largest_padded_sizes_below_and_only_a_padding_eng
     module, metadata = modelfile.load(default_model, "cpu")
     assert Engine(module, metadata, torch.device("cpu"), pad_batches=True).fitting_batch(25) == 16
     assert Engine(module, metadata, torch.device("cpu")).fitting_batch(25) == 25  # the CPU default: any size
+
+
+def test_the_shared_device_table_runs_the_model_in_several_processes_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_processes.py (gpu-check.sh --scaling: the model alone in processes sharing one GPU), on the CPU
+    at a tiny budget: every process count gets a total rate."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_processes.py"
+    out = tmp_path / "processes.json"
+    done = subprocess.run(
+        [sys.executable, "-P", str(script), "--device", "cpu", "--budget", "0.05", "--processes", "1,2"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert table["device"] == "cpu" and table["batch"] == 64
+    assert set(table["rates"]) == {"1", "2"} and all(rate > 0 for rate in table["rates"].values())
+    assert "2 process(es) on cpu" in done.stdout

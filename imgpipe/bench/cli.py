@@ -384,6 +384,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
             info["mean_batch"] = mean_batch
             if costs.per_image:
                 info["cpu_us_per_image"] = costs.summary()
+            if costs.stages():
+                info["stage_ms"] = costs.stages()
             if latency is not None:
                 info["latency"] = latency.summary(rounds)
     rates: dict[str, float] = {}
@@ -453,15 +455,24 @@ class _Costs:
         self.images = images
         self.per_image: dict[str, dict[str, list[float]]] = {}
         self._idle: dict[Workers, dict[str, float]] = {}  # per worker set: CPU seconds per second when idle
+        # {variant: {stage: [mean ms per observation, one per round]}} from the workers' stage histograms
+        # (decode: per image, on one lane; infer: per batch; write: per write): where the workers' time went.
+        self.stage_ms: dict[str, dict[str, list[float]]] = {}
 
     def runner(self, variant: str, workers_set: Workers, run: Callable[[], float]) -> Callable[[], float]:
         def costed() -> float:
             idle = self._idle.get(workers_set)
             if idle is None:
                 idle = self._idle[workers_set] = self._idle_rates(workers_set)
+            stages_before = workers_set.stage_totals()
             before, start = workers_set.cpu_seconds(), time.perf_counter()
             rate = run()
             after, seconds = workers_set.cpu_seconds(), time.perf_counter() - start
+            stages = self.stage_ms.setdefault(variant, {})
+            for stage, (stage_s, count) in workers_set.stage_totals().items():
+                had_s, had_count = stages_before.get(stage, (0.0, 0.0))
+                if count > had_count:
+                    stages.setdefault(stage, []).append((stage_s - had_s) / (count - had_count) * 1e3)
             seen = self.per_image.setdefault(variant, {})
             for part, used in after.items():
                 first = before[part]
@@ -488,6 +499,14 @@ class _Costs:
         return {
             variant: {part: round(statistics.median(values), 1) for part, values in parts.items()}
             for variant, parts in self.per_image.items()
+        }
+
+    def stages(self) -> dict[str, dict[str, float]]:
+        """{variant: {stage: median of the rounds' mean ms}} (decode per image, infer per batch, write per write)."""
+        return {
+            variant: {stage: round(statistics.median(values), 3) for stage, values in stages.items()}
+            for variant, stages in self.stage_ms.items()
+            if stages
         }
 
 
@@ -688,6 +707,10 @@ def _table(name: str, result: dict[str, Any]) -> str:
         cells = [f"{part} {used:.0f}" for part, used in parts.items()]
         ceiling = f"; one Redis core: {1e6 / redis_us:,.0f} images/s" if redis_us > 0 else ""
         lines.append(f"  cpu us/image {variant:<9} {', '.join(cells)}{ceiling}")
+    for variant, stages in result.get("stage_ms", {}).items():
+        cells = [f"{stage} {stages[stage]:.2f}" for stage in ("decode", "infer", "write") if stage in stages]
+        what = "(decode per image, infer per batch, write per write)"
+        lines.append(f"  worker ms {variant:<12} {', '.join(cells)}  {what}")
     if "latency" in result:
         lat = result["latency"]
         lines.append(

@@ -55,6 +55,32 @@ def histogram_counts(port: int | None, names: Sequence[str]) -> dict[str, Histog
     return {name: HistogramCounts(buckets, totals[0], totals[1]) for name, (buckets, totals) in found.items()}
 
 
+STAGE_METRIC = "imgpipe_stage_seconds"
+
+
+def stage_totals(port: int | None) -> dict[str, tuple[float, float]]:
+    """{stage: (seconds, observations)} of a worker's imgpipe_stage_seconds histogram (decode: per image, infer:
+    per batch, write: per write), as its /metrics serves them now; empty when it serves no metrics."""
+    totals: dict[str, tuple[float, float]] = {}
+    if port is None:
+        return totals
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name != STAGE_METRIC:
+            continue
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            seconds, count = totals.get(stage, (0.0, 0.0))
+            if sample.name == f"{STAGE_METRIC}_sum":
+                totals[stage] = (seconds + sample.value, count)
+            elif sample.name == f"{STAGE_METRIC}_count":
+                totals[stage] = (seconds, count + sample.value)
+    return totals
+
+
 def batch_size_totals(port: int | None) -> tuple[float, float]:
     """(sum, count) of a worker's imgpipe_batch_size histogram; (0, 0) when it serves no metrics."""
     counts = histogram_counts(port, ["imgpipe_batch_size"])["imgpipe_batch_size"]
@@ -127,6 +153,15 @@ class Workers:
     def mean_batch(self) -> tuple[float, float]:
         totals = [batch_size_totals(port) for port in self.ports]
         return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+    def stage_totals(self) -> dict[str, tuple[float, float]]:
+        """{stage: (seconds, observations)} of the stage histograms, summed over the workers (one scrape each)."""
+        summed: dict[str, tuple[float, float]] = {}
+        for port in self.ports:
+            for stage, (seconds, count) in stage_totals(port).items():
+                had = summed.get(stage, (0.0, 0.0))
+                summed[stage] = (had[0] + seconds, had[1] + count)
+        return summed
 
     def cpu_seconds(self) -> dict[str, float | None]:
         """CPU seconds used so far by the worker commands (every process of each; None without /proc) and by
