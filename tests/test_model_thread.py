@@ -221,9 +221,9 @@ def test_the_shared_device_table_runs_the_model_in_several_processes_on_the_cpu(
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_processes.py"
     out = tmp_path / "processes.json"
+    command = [sys.executable, "-P", str(script), "--device", "cpu", "--budget", "0.05", "--processes", "1,2"]
     done = subprocess.run(
-        [sys.executable, "-P", str(script), "--device", "cpu", "--budget", "0.05", "--processes", "1,2"]
-        + ["--json", str(out)],
+        [*command, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
