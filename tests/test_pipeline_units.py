@@ -131,13 +131,18 @@ def test_the_batcher_runs_one_batch_for_several_messages_on_any_number_of_lanes(
 
 
 def test_one_device_parser_for_every_host_shape() -> None:
-    from imgpipe.devices import parse_device
+    from imgpipe.devices import parse_device, shared_gpus
 
     assert parse_device(" CUDA:1 ").resolve(gpus=2) == "cuda:1"
     assert parse_device("auto").resolve(gpus=0) == "cpu"
     assert parse_device("auto").plan(gpus=2, processes=None) == ["cuda:0", "cuda:1"]
     assert parse_device("cuda").plan(gpus=2, processes=3) == ["cuda:0", "cuda:1", "cuda:0"]
     assert parse_device("cpu").plan(gpus=4, processes=2) == ["cpu", "cpu"]
+    # Processes sharing a GPU are named (the worker warns: measured far slower than one process per GPU).
+    assert shared_gpus(parse_device("cuda").plan(gpus=2, processes=3)) == {"cuda:0": 2}
+    assert shared_gpus(parse_device("cuda:1").plan(gpus=2, processes=4)) == {"cuda:1": 4}
+    assert shared_gpus(parse_device("auto").plan(gpus=2, processes=None)) == {}
+    assert shared_gpus(["cpu", "cpu"]) == {}
     with pytest.raises(ConfigError, match=r"this host has 2 GPU\(s\), cuda:0..cuda:1"):
         parse_device("cuda:2").resolve(gpus=2)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from imgpipe import defaults
-from imgpipe.devices import parse_device
+from imgpipe.devices import parse_device, shared_gpus
 from imgpipe.errors import ConfigError
 from imgpipe.settings import Settings, setting_option
 
@@ -95,6 +95,13 @@ def worker(loglevel: str, parent_pid: int | None, check: bool, liveness: bool, *
     if not model_file.is_file():
         raise ConfigError(f"model file not found: {model_file} (set IMGPIPE_MODEL or --model)")
     devices = plan_devices(settings.model.device, settings.worker.concurrency)
+    for gpu, processes in shared_gpus(devices).items():
+        logging.getLogger("imgpipe.worker").warning(
+            "%d worker processes will share %s: on one GPU two processes ran 0.2x the images/s of one in the bench "
+            "(README, Benchmarks, On a GPU); one process per GPU, its lanes decoding in threads, is the default",
+            processes,
+            gpu,
+        )
     settings = share_cores(settings, len(devices), explicit=lanes_chosen(overrides))
     if len(devices) == 1:
         from imgpipe.worker.run import run_worker
