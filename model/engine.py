@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,18 @@ def padded_size(rows: int) -> int:
     return -(-rows // 64) * 64
 
 
+def padded_sizes(largest: int) -> list[int]:
+    """Every size ``padded_size`` gives a batch of 1 to ``largest`` images, smallest first: what the warm-up runs
+    on a GPU, so that no batch meets a size whose cuDNN plans are still to build."""
+    sizes: list[int] = []
+    rows = 1
+    while rows <= max(1, largest):
+        size = padded_size(rows)
+        sizes.append(size)
+        rows = size + 1
+    return sizes
+
+
 def fitting_size(rows: int) -> int:
     """The largest batch size of at most ``rows`` (at least 1) that ``padded_size`` leaves as it is."""
     if rows <= 64:
@@ -61,7 +74,8 @@ class Engine:
     profiling and fusion) is on for the CPU, off for CUDA; ``model_thread`` (every batch on one thread of the
     engine's own; off, the calling threads run the model at once) and ``pad_batches`` (to ``padded_size``) are
     on for CUDA; ``optimize`` freezes and fuses the module for the CPU. With padding, the warm-up also runs a batch
-    of ``warm_batch`` (the largest the caller will send), so the first real batch finds its plans built.
+    of every padded size up to ``warm_batch`` (the largest the caller will send), so that every real batch finds
+    its plans built.
     """
 
     def __init__(
@@ -176,8 +190,19 @@ class Engine:
         dummy = torch.zeros(2, self.preset.channels, size, size)
         for _ in range(2):  # the TorchScript profiling executor specialises on the first runs
             self.predict(dummy)
-        if self._pad and padded_size(batch) > 2:  # the full batch's size too: its cuDNN plans take ~1 s to build
-            self.predict(torch.zeros(padded_size(batch), self.preset.channels, size, size))
+        if not self._pad:
+            return
+        # Every padded size up to the largest batch the caller sends: on a GPU the plans of each new size took
+        # ~0.7 s to build on a warm thread (mobilenet_v3_small, H200, scripts/gpu_configs.py "no padding"), paid
+        # by the first batch of that size otherwise: a job's last batch, a group split between processes, a
+        # batch adaptive batching planned smaller (README, Benchmarks, On a GPU).
+        start = time.perf_counter()
+        sizes = padded_sizes(max(2, batch))
+        for rows in sizes:
+            if rows != 2:  # run above
+                self.predict(torch.zeros(rows, self.preset.channels, size, size))
+        took = time.perf_counter() - start
+        log.info("model warm on %s: batch sizes %s in %.1f s", self.device, ", ".join(map(str, sizes)), took)
 
     def fitting_batch(self, rows: int) -> int:
         """The largest batch of at most ``rows`` images this engine runs with no padding rows (``rows`` itself

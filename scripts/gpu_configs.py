@@ -9,7 +9,8 @@ model (the demo digits CNN, a random mobilenet_v3_small at 224 px) and each sett
   b64 ms    median milliseconds of one batch of 64 pre-decoded images, one thread;
   img/s xN  images/s with N fresh threads calling predict at once, as the engine's lanes do (None where one
             batch is so slow that N turns would outlast the budget four times);
-  shapes s  seconds for 8 batches of 8 new sizes (57-64 images): what changing batch sizes cost.
+  shapes s  seconds for 8 batches of 8 sizes not seen before (3 to 60 images): what odd batch sizes cost after
+            the warm-up (with padding they pad to sizes the warm-up ran).
 Then read + decode + preprocess (``Engine.safe_load_image``) with 1, 2, 4, 8 and 16 threads, as the engine does it
 (small files one thread at a time, IMGPIPE_SERIAL_DECODE_BYTES) and with every file in parallel (that setting 0).
 
@@ -52,6 +53,8 @@ SETTINGS: dict[str, dict[str, bool | None]] = {
     "contiguous": {"channels_last": False},
     "plain": {"jit_optimize": True, "amp": False, "channels_last": False, "model_thread": False, "pad_batches": False},
 }
+# Batch sizes of the "shapes s" column: none is 2 or 64 (the unpadded warm-up's), each pads to another size.
+ODD_SIZES = (3, 6, 11, 20, 37, 45, 51, 60)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,7 +106,7 @@ def measure_setting(path: Path, device: torch.device, kwargs: dict, batch: torch
         _threaded_rate(lambda _lane: len(engine.predict(batch)), lanes, budget) if ms * lanes < 4000 * budget else None
     )
     start = time.perf_counter()
-    for size in range(57, 65):
+    for size in ODD_SIZES:
         engine.predict(batch[:size])
         if time.perf_counter() - start > 4 * budget:
             break

@@ -13,7 +13,7 @@ import torch
 
 from imgpipe import threads
 from imgpipe.model import modelfile
-from imgpipe.model.engine import Engine, padded_size
+from imgpipe.model.engine import Engine, padded_size, padded_sizes
 from imgpipe.scan import scan
 from tests.images import digit_like
 
@@ -127,11 +127,14 @@ def test_the_serial_decode_setting_reaches_the_engine(default_model: Path) -> No
     assert Engine.load(default_model, "cpu", serial_decode_bytes=chosen).serial_decode_bytes == 0
 
 
-def test_with_padding_the_warm_up_runs_the_full_batch_size_too(default_model: Path) -> None:
+def test_with_padding_the_warm_up_runs_every_padded_size_up_to_the_full_batch(default_model: Path) -> None:
     module, metadata = modelfile.load(default_model, "cpu")
     padded = _Recorder(module)
     Engine(padded, metadata, torch.device("cpu"), optimize=False, pad_batches=True, model_thread=True, warm_batch=20)
-    assert [size for _, size in padded.calls] == [2, 2, 32]  # 20 images pad to 32: those plans are built first
+    # 20 images pad to 32: the plans of every size a batch of 1 to 20 pads to are built before the first batch.
+    assert [size for _, size in padded.calls] == [2, 2, 1, 4, 8, 16, 32]
+    assert padded_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and padded_sizes(200) == [*padded_sizes(64), 128, 192, 256]
+    assert all(padded_size(rows) in padded_sizes(200) for rows in range(1, 201))
     plain = _Recorder(module)
     Engine(plain, metadata, torch.device("cpu"), optimize=False, warm_batch=20)
     assert [size for _, size in plain.calls] == [2, 2]  # the CPU default: no padding, no extra warm-up
