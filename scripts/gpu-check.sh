@@ -59,9 +59,11 @@ export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -P -c "import imgpipe.model.preprocess as p, celery, redis; print('imgpipe ok; jpeg decoder', p.JPEG_DECODER)"
 
 if [ -n "$SCALING" ]; then
-  echo "== the model alone in processes sharing $DEVICE (scripts/gpu_processes.py)"
-  timeout 150 "$PYTHON" -P scripts/gpu_processes.py --device "$DEVICE" --processes "${SCALING_MODEL_PROCESSES-1,2,4}" \
-    --json "$OUT/scaling-model-processes.json" || echo "gpu-check: failed or timed out"
+  if [ -n "${SCALING_MODEL_PROCESSES-1,2,4}" ]; then
+    echo "== the model alone in processes sharing $DEVICE (scripts/gpu_processes.py)"
+    timeout 150 "$PYTHON" -P scripts/gpu_processes.py --device "$DEVICE" --processes "${SCALING_MODEL_PROCESSES-1,2,4}" \
+      --json "$OUT/scaling-model-processes.json" || echo "gpu-check: failed or timed out"
+  fi
   for threads in ${SCALING_THREADS-2 4 8 16}; do
     echo "== digits in-process on $DEVICE, IMGPIPE_DECODE_THREADS=$threads"
     IMGPIPE_DECODE_THREADS=$threads timeout 60 "$PYTHON" -P -m imgpipe bench "$BUNDLE/demo" --device "$DEVICE" \
@@ -71,7 +73,7 @@ if [ -n "$SCALING" ]; then
   for processes in ${SCALING_PROCESSES-1 2 4}; do
     echo "== photos through a worker on $DEVICE, --concurrency $processes"
     timeout 90 "$PYTHON" -P -m imgpipe bench --device "$DEVICE" --workload photos --variants inprocess,pipeline \
-      --concurrency "$processes" --photos "$PHOTOS" --rounds 2 \
+      --concurrency "$processes" --photos "$PHOTOS" --rounds 2 --logs "$OUT/logs-photos-processes$processes" \
       --json "$OUT/scaling-photos-processes$processes.json" 2>/dev/null | grep -v '^{' || echo "gpu-check: failed or timed out"
   done
   echo "== done: $OUT/scaling-*.json"
@@ -86,6 +88,6 @@ echo "== bench on $DEVICE (limit ${LIMIT_S}s)"
 # One run: both workloads, the engine and its two ceilings, the peer, and real workers through a scratch Redis.
 timeout "$LIMIT_S" "$PYTHON" -P -m imgpipe bench "$BUNDLE/demo" --device "$DEVICE" \
   --variants inprocess,dataloader,compute,decode,pipeline,stream \
-  --images "$DIGITS" --photos "$PHOTOS" --rounds "$ROUNDS" --json "$OUT/bench-$DEVICE.json" \
+  --images "$DIGITS" --photos "$PHOTOS" --rounds "$ROUNDS" --json "$OUT/bench-$DEVICE.json" --logs "$OUT/logs" \
   2> >(tee "$OUT/bench-$DEVICE.progress" >&2) | tee "$OUT/bench-$DEVICE.txt"
 echo "== done: $OUT/bench-$DEVICE.json"

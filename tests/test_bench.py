@@ -78,7 +78,7 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     result = run_cli(
         "bench", str(demo_data / "val"), "--workload", "digits", "--images", "40", "--rounds", "2",
         "--variants", ",".join(VARIANTS), "--latency-ms", "40", "--paths", "2000", "--json", str(out),
-        env=env, timeout=300,
+        "--logs", str(tmp_path / "logs"), env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(result.stdout)
@@ -135,6 +135,10 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
         assert f"digits round 2/2: {variant}" in result.stderr
     assert "inprocess/dataloader" in result.stdout and "adaptive p95 target 40 ms" in result.stdout  # the table
     assert client.dbsize() == 0
+    # --logs: the workers' logs outlive the scratch folder, one per worker command, each with its start line.
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert {"digits-naive-worker-db1-0.log", "digits-batched-worker-db0-0.log"} <= set(logs), logs
+    assert "imgpipe worker" in (tmp_path / "logs" / "digits-batched-worker-db0-0.log").read_text(errors="replace")
 
 
 def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:

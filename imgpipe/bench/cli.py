@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,12 @@ def parse_names(text: str, valid: tuple[str, ...], flag: str) -> list[str]:
 @click.option("--device", default="cpu", show_default=True, help="Device of the engine and the workers.")
 @click.option("--contention", is_flag=True, help="Keep one core busy with a CPU-bound process for the whole run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
+@click.option(
+    "--logs",
+    "logs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Copy the logs of the workers (and of watch) here at the end; otherwise they go with the scratch folder.",
+)
 def bench(
     data: Path | None,
     workloads: str,
@@ -160,6 +167,7 @@ def bench(
     device: str,
     contention: bool,
     json_path: Path | None,
+    logs_dir: Path | None,
 ) -> None:
     """Benchmark imgpipe side by side with the script a user would write, on the same generated images.
 
@@ -230,6 +238,8 @@ def bench(
     }
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-bench-")))
+        if logs_dir is not None:  # runs when the workers have stopped, before the scratch folder goes
+            stack.callback(_keep_logs, tmp, logs_dir)
         if contention:
             stack.enter_context(busy_core())
         redis_url: str | None = None
@@ -257,6 +267,13 @@ def bench(
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
     click.echo(text)
+
+
+def _keep_logs(tmp: Path, logs_dir: Path) -> None:
+    """Copy every log under the scratch folder ``tmp`` to ``logs_dir``, named by its path there (a/b.log: a-b.log)."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    for log_file in sorted(tmp.rglob("*.log")):
+        shutil.copyfile(log_file, logs_dir / "-".join(log_file.relative_to(tmp).parts))
 
 
 @dataclass(frozen=True)
