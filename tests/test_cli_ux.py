@@ -83,6 +83,21 @@ def test_a_bad_setting_of_the_worker_is_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_a_worker_whose_processes_would_share_a_gpu_says_so_first(demo_data: Path) -> None:
+    # Two processes on one GPU ran a fifth of one's rate (README, On a GPU): the warning comes before anything
+    # starts. No GPU here: each child then stops at Redis (nothing listens on port 1), and so does the worker.
+    env = cli_env(IMGPIPE_REDIS_URL="redis://127.0.0.1:1/0", IMGPIPE_METRICS_PORT="0", IMGPIPE_METRICS_BIND="127.0.0.1")
+    result = run_cli(
+        "worker", "--device", "cuda:0", "--concurrency", "2", "--allowed-roots", str(demo_data), env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "WARNING" in line and "share cuda:0" in line]
+    assert len(warning) == 1 and "2 worker processes will share cuda:0" in warning[0], result.stderr
+    assert "Traceback" not in result.stderr
+    alone = run_cli("worker", "--device", "cuda:0", "--allowed-roots", str(demo_data), env=env, timeout=120)
+    assert alone.returncode == 2 and "share" not in alone.stderr, alone.stderr
+
+
 def test_classify_to_a_missing_folder_is_one_line(demo_data: Path, tmp_path: Path) -> None:
     image = next((demo_data / "val" / "4").glob("*.png"))
     one_error_line(
