@@ -9,9 +9,10 @@ import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -31,18 +32,23 @@ SLOWEST_RATE = 2.0
 POLL_S = 0.1
 
 
+def _families(port: int | None) -> Iterator[Any]:
+    """The metric families a worker's /metrics serves now (one scrape); none when it serves no metrics."""
+    if port is None:
+        return
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    yield from text_string_to_metric_families(text)
+
+
 def histogram_counts(port: int | None, names: Sequence[str]) -> dict[str, HistogramCounts]:
     """Histograms ``names`` (e.g. imgpipe_batch_size) as a worker's /metrics serves them now, from one scrape;
     empty when the worker serves no metrics."""
     found: dict[str, tuple[dict[float, float], list[float]]] = {name: ({}, [0.0, 0.0]) for name in names}
-    if port is not None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            if family.name not in found:
-                continue
+    for family in _families(port):
+        if family.name in found:
             buckets, totals = found[family.name]
             for sample in family.samples:
                 if sample.name == f"{family.name}_bucket":
@@ -62,13 +68,7 @@ def stage_totals(port: int | None) -> dict[str, tuple[float, float]]:
     """{stage: (seconds, observations)} of a worker's imgpipe_stage_seconds histogram (decode: per image, infer:
     per batch, write: per write), as its /metrics serves them now; empty when it serves no metrics."""
     totals: dict[str, tuple[float, float]] = {}
-    if port is None:
-        return totals
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
+    for family in _families(port):
         if family.name != STAGE_METRIC:
             continue
         for sample in family.samples:
