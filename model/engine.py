@@ -44,6 +44,10 @@ def padded_size(rows: int) -> int:
     return -(-rows // 64) * 64
 
 
+# The warm-up on a GPU runs every padded size up to this many images (14 sizes), then the full batch's only.
+WARM_SIZES_UP_TO = 512
+
+
 def padded_sizes(largest: int) -> list[int]:
     """Every size ``padded_size`` gives a batch of 1 to ``largest`` images, smallest first: what the warm-up runs
     on a GPU, so that no batch meets a size whose cuDNN plans are still to build."""
@@ -197,7 +201,11 @@ class Engine:
         # by the first batch of that size otherwise: a job's last batch, a group split between processes, a
         # batch adaptive batching planned smaller (README, Benchmarks, On a GPU).
         start = time.perf_counter()
-        sizes = padded_sizes(max(2, batch))
+        # Past WARM_SIZES_UP_TO (multiples of 64) only the full batch: an IMGPIPE_MAX_BATCH of 4096 would otherwise
+        # warm 70 sizes at start.
+        sizes = padded_sizes(min(max(2, batch), WARM_SIZES_UP_TO))
+        if padded_size(batch) > sizes[-1]:
+            sizes.append(padded_size(batch))
         for rows in sizes:
             if rows != 2:  # run above
                 self.predict(torch.zeros(rows, self.preset.channels, size, size))

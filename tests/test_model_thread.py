@@ -135,6 +135,13 @@ def test_with_padding_the_warm_up_runs_every_padded_size_up_to_the_full_batch(de
     assert [size for _, size in padded.calls] == [2, 2, 1, 4, 8, 16, 32]
     assert padded_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and padded_sizes(200) == [*padded_sizes(64), 128, 192, 256]
     assert all(padded_size(rows) in padded_sizes(200) for rows in range(1, 201))
+    # A huge largest batch: every size up to 512, then that batch's own only.
+    huge = _Recorder(module)
+    Engine(
+        huge, metadata, torch.device("cpu"), optimize=False, pad_batches=True, model_thread=True, warm_batch=1000,
+        cpu_infer_batch=1024,  # whole batches, as on a GPU (the CPU runs them in pieces of 32)
+    )  # fmt: skip
+    assert [size for _, size in huge.calls] == [2, 2, 1, *padded_sizes(512)[2:], 1024]
     plain = _Recorder(module)
     Engine(plain, metadata, torch.device("cpu"), optimize=False, warm_batch=20)
     assert [size for _, size in plain.calls] == [2, 2]  # the CPU default: no padding, no extra warm-up
