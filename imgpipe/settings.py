@@ -182,7 +182,8 @@ VARS: tuple[Var, ...] = (
         "worker",
         "concurrency",
         "optional_int",
-        "worker processes (default: one per GPU; on a CPU host one per core, as memory allows at 1 GiB each)",
+        "worker processes (default: one per GPU; on a CPU host one per core, as memory allows at 1 GiB each); "
+        "more than one per GPU measured far slower (README, On a GPU)",
         1,
     ),
     Var("MAX_DELIVERIES", "worker", "max_deliveries", "int", "deliveries of a message before it is dead-lettered", 1),
