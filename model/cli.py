@@ -25,17 +25,7 @@ def load_engine(settings: Settings) -> Any:
     from imgpipe import heap
     from imgpipe.model.engine import Engine
 
-    engine = Engine.load(
-        settings.model.resolved_path(),
-        settings.model.device,
-        topk=settings.model.topk,
-        security=settings.security,
-        torch_threads=settings.batch.torch_threads,
-        lanes=settings.batch.decode_threads,  # Engine.classify: each decode thread also runs its batches
-        cpu_infer_batch=settings.batch.cpu_infer_batch,
-        serial_decode_bytes=settings.batch.serial_decode_bytes,
-        warm_batch=settings.batch.max_batch,
-    )
+    engine = Engine.from_settings(settings)
     heap.settle()  # torch and the model out of the collector's reach (imgpipe/heap.py)
     return engine
 

@@ -22,7 +22,7 @@ from imgpipe.model import export, jit, modelfile, oom
 from imgpipe.model.preprocess import Preset, decode_image, stack
 from imgpipe.records import Record, error_record, ok_record
 from imgpipe.safety import ConfinedReader
-from imgpipe.settings import SecuritySettings
+from imgpipe.settings import SecuritySettings, Settings
 
 TopK = list[tuple[str, float]]
 log = logging.getLogger(__name__)
@@ -169,6 +169,25 @@ class Engine:
             cpu_infer_batch=cpu_infer_batch,
             serial_decode_bytes=serial_decode_bytes,
             warm_batch=warm_batch,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, path: Path | None = None, device: str | None = None) -> Engine:
+        """``load`` as the settings say (`classify`, `evaluate`, each worker process and its reloads): the model
+        file (``path``, default IMGPIPE_MODEL), device (``device``, default IMGPIPE_DEVICE) and top-k, the security
+        bounds, and the batch section: torch threads, lanes (each also runs its batches), CPU pieces, serial
+        decoding of small files, and the largest batch (the warm-up's)."""
+        batch = settings.batch
+        return cls.load(
+            path if path is not None else settings.model.resolved_path(),
+            device if device is not None else settings.model.device,
+            topk=settings.model.topk,
+            security=settings.security,
+            torch_threads=batch.torch_threads,
+            lanes=batch.decode_threads,
+            cpu_infer_batch=batch.cpu_infer_batch,
+            serial_decode_bytes=batch.serial_decode_bytes,
+            warm_batch=batch.max_batch,
         )
 
     @property

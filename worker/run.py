@@ -44,18 +44,8 @@ def run_worker(settings: Settings, device: str, loglevel: str, parent_pid: int |
     # Far above the lease, group and alone threads plus heartbeat, reconciler and consumer: no MaxConnectionsError.
     client = redis_client(settings.redis, max_connections=prefetch(settings) + 16)
 
-    def load_engine(path: Path) -> Engine:  # at start and on each reload
-        return Engine.load(
-            path,
-            device,
-            topk=settings.model.topk,
-            security=settings.security,
-            torch_threads=settings.batch.torch_threads,  # throughput: IMGPIPE_TORCH_THREADS (imgpipe/threads.py)
-            lanes=settings.batch.decode_threads,  # the group threads run batches at once (worker/batcher.py)
-            cpu_infer_batch=settings.batch.cpu_infer_batch,
-            serial_decode_bytes=settings.batch.serial_decode_bytes,
-            warm_batch=settings.batch.max_batch,
-        )
+    def load_engine(path: Path) -> Engine:  # at start and on each reload; the group threads are the lanes
+        return Engine.from_settings(settings, path, device)
 
     engine = load_engine(settings.model.resolved_path())
     metrics.describe_worker(str(engine.device), engine.metadata.name, engine.metadata.sha256)
