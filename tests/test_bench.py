@@ -101,13 +101,22 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     assert all(value is not None and value > 0 for value in digits["ratios"].values())
     assert digits["mean_batch"]["naive"] == 1.0 and 1.0 <= digits["mean_batch"]["batched"] <= 16
     assert isinstance(digits["per_message_overhead_us"], float)
-    # CPU per image of the variants through the queue, from /proc (worker processes) and the scratch Redis's INFO.
+    # CPU per image: the in-process engine's (this process), and through the queue the worker processes' (/proc),
+    # the scratch Redis's (its INFO) and the producer's (the bench process: its sends and polling).
     costs = digits["cpu_us_per_image"]
-    assert list(costs) == ["naive", "pipeline", "stream"]
-    assert all(list(parts) == ["workers", "redis"] for parts in costs.values())
+    assert list(costs) == ["inprocess", "naive", "pipeline", "stream"]
+    assert list(costs["inprocess"]) == ["process"] and costs["inprocess"]["process"] > 0
+    assert all(list(costs[v]) == ["workers", "redis", "producer"] for v in ("naive", "pipeline", "stream"))
     # Less the idle share (0 where 40 images cost less than the idle rate's noise): never negative.
     assert all(isinstance(used, float) and used >= 0 for parts in costs.values() for used in parts.values())
     assert "cpu us/image stream" in result.stdout and "one Redis core" in result.stdout
+    # What the CPU alone allows, where each side has the same cores: inprocess's cost over each variant's whole.
+    cpu_bound = digits["cpu_bound_ratios"]
+    assert list(cpu_bound) == ["pipeline/inprocess", "stream/inprocess"]
+    for variant in ("pipeline", "stream"):
+        whole = sum(costs[variant].values())
+        assert cpu_bound[f"{variant}/inprocess"] == round(costs["inprocess"]["process"] / whole, 2)
+    assert "cpu-bound ratios       pipeline/inprocess" in result.stdout
     # Where the workers' time went, from their stage histograms: every stage observed in every queue variant.
     stages = digits["stage_ms"]
     assert list(stages) == ["naive", "pipeline", "stream"]
@@ -157,6 +166,7 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
         "mean_batch",
         "per_message_overhead_us",
         "cpu_us_per_image",
+        "cpu_bound_ratios",
         "stage_ms",
         "bound",
         "inprocess_of_ceiling",

@@ -312,7 +312,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
     info: dict[str, Any] = {}
     with ExitStack() as stack:
         if "inprocess" in variants:
-            runners["inprocess"] = _inprocess(workload, tmp, o)
+            runners["inprocess"] = costs.local("inprocess", _inprocess(workload, tmp, o))
         if "compute" in variants or "decode" in variants:
             compute, decode = _ceilings(workload, o)
             if "compute" in variants:
@@ -399,12 +399,14 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
-            if costs.per_image:
-                info["cpu_us_per_image"] = costs.summary()
             if costs.stages():
                 info["stage_ms"] = costs.stages()
             if latency is not None:
                 info["latency"] = latency.summary(rounds)
+    if any(v in costs.per_image for v in QUEUE_VARIANTS):  # with the queue's, the in-process cost to compare
+        info["cpu_us_per_image"] = costs.summary()
+        if costs.cpu_bound_ratios():
+            info["cpu_bound_ratios"] = costs.cpu_bound_ratios()
     rates: dict[str, float] = {}
     measured = [v for v in runners if not v.startswith("latency_")]  # the paced runs: in info["latency"]
     for variant in measured:
@@ -476,6 +478,18 @@ class _Costs:
         # (decode: per image, on one lane; infer: per batch; write: per write): where the workers' time went.
         self.stage_ms: dict[str, dict[str, list[float]]] = {}
 
+    def local(self, variant: str, run: Callable[[], float]) -> Callable[[], float]:
+        """``run`` (a variant that runs in this process: inprocess) with this process's CPU per image."""
+
+        def costed() -> float:
+            before = time.process_time()
+            rate = run()
+            used = time.process_time() - before
+            self.per_image.setdefault(variant, {}).setdefault("process", []).append(used / self.images * 1e6)
+            return rate
+
+        return costed
+
     def runner(self, variant: str, workers_set: Workers, run: Callable[[], float]) -> Callable[[], float]:
         def costed() -> float:
             idle = self._idle.get(workers_set)
@@ -483,7 +497,9 @@ class _Costs:
                 idle = self._idle[workers_set] = self._idle_rates(workers_set)
             stages_before = workers_set.stage_totals()
             before, start = workers_set.cpu_seconds(), time.perf_counter()
+            own = time.process_time()  # this process: the producer's sends and the job's polling
             rate = run()
+            own = time.process_time() - own
             after, seconds = workers_set.cpu_seconds(), time.perf_counter() - start
             stages = self.stage_ms.setdefault(variant, {})
             for stage, (stage_s, count) in workers_set.stage_totals().items():
@@ -496,6 +512,7 @@ class _Costs:
                 if used is not None and first is not None:
                     work = max(0.0, used - first - idle.get(part, 0.0) * seconds)
                     seen.setdefault(part, []).append(work / self.images * 1e6)
+            seen.setdefault("producer", []).append(own / self.images * 1e6)
             return rate
 
         return costed
@@ -517,6 +534,23 @@ class _Costs:
             variant: {part: round(statistics.median(values), 1) for part, values in parts.items()}
             for variant, parts in self.per_image.items()
         }
+
+    def cpu_bound_ratios(self) -> dict[str, float]:
+        """{"pipeline/inprocess": ..., "stream/inprocess": ...}: the in-process engine's CPU per image over a
+        queue variant's (workers, Redis and producer together). Where each side gets the same cores (a busy
+        host, ``--contention``) the CPU decides, and the measured ratio comes to about this; on an idle host a
+        variant that keeps more cores busy can run above it (the in-process engine's one GIL holds it to about
+        1.7 of 2 cores on the digits)."""
+        summary = self.summary()
+        base = summary.get("inprocess", {}).get("process")
+        if not base:
+            return {}
+        out = {}
+        for variant in ("pipeline", "stream"):
+            parts = summary.get(variant)
+            if parts and sum(parts.values()) > 0:
+                out[f"{variant}/inprocess"] = round(base / sum(parts.values()), 2)
+        return out
 
     def stages(self) -> dict[str, dict[str, float]]:
         """{variant: {stage: median of the rounds' mean ms}} (decode per image, infer per batch, write per write)."""
@@ -720,10 +754,15 @@ def _table(name: str, result: dict[str, Any]) -> str:
         told = f"{overhead:.0f} us" if overhead > 0 else f"{overhead:.0f} us: below the noise (one path ran as fast)"
         lines.append(f"  per-message overhead   {told}")
     for variant, parts in result.get("cpu_us_per_image", {}).items():
-        redis_us = parts["redis"]
+        redis_us = parts.get("redis", 0.0)
         cells = [f"{part} {used:.0f}" for part, used in parts.items()]
         ceiling = f"; one Redis core: {1e6 / redis_us:,.0f} images/s" if redis_us > 0 else ""
         lines.append(f"  cpu us/image {variant:<9} {', '.join(cells)}{ceiling}")
+    if result.get("cpu_bound_ratios"):
+        cells = [f"{ratio} {value:.2f}" for ratio, value in result["cpu_bound_ratios"].items()]
+        lines.append(
+            f"  cpu-bound ratios       {', '.join(cells)}  (CPU per image alone: where each side has the same cores)"
+        )
     for variant, stages in result.get("stage_ms", {}).items():
         cells = [f"{stage} {stages[stage]:.2f}" for stage in ("decode", "infer", "write") if stage in stages]
         what = "(decode per image, infer per batch, write per write)"
