@@ -117,6 +117,13 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
         whole = sum(costs[variant].values())
         assert cpu_bound[f"{variant}/inprocess"] == round(costs["inprocess"]["process"] / whole, 2)
     assert "cpu-bound ratios       pipeline/inprocess" in result.stdout
+    # The batched workers' memory around the measured rounds (pipeline, stream, watch and the fixed latency
+    # set's paced runs: 4 x 2 rounds x 40 images), from /proc and their images counter.
+    rss = digits["worker_rss_mb"]
+    assert list(rss) == ["largest_before", "largest_after", "total_before", "total_after", "images"]
+    assert rss["images"] == 4 * 2 * 40
+    assert 0 < rss["largest_before"] <= rss["total_before"] and 0 < rss["largest_after"] <= rss["total_after"]
+    assert "worker rss MB          largest process" in result.stdout
     # Where the workers' time went, from their stage histograms: every stage observed in every queue variant.
     stages = digits["stage_ms"]
     assert list(stages) == ["naive", "pipeline", "stream"]
@@ -167,6 +174,7 @@ def test_photos_workload_against_the_dataloader_peer_under_contention() -> None:
         "per_message_overhead_us",
         "cpu_us_per_image",
         "cpu_bound_ratios",
+        "worker_rss_mb",
         "stage_ms",
         "bound",
         "inprocess_of_ceiling",

@@ -383,6 +383,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                     workload.images, workload.images.parent / f"watched-{next(watched)}"
                 )
             batch_before = {k: s.mean_batch() for k, s in sets.items()}
+            memory_before = sets["batched"].memory() if "batched" in sets else None
         for round_ in range(1, o.rounds + 1):
             for variant, run in runners.items():
                 rate = run()
@@ -399,6 +400,14 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
+            memory_after = sets["batched"].memory() if "batched" in sets else None
+            if memory_before is not None and memory_after is not None:
+                # Whether the workers' memory stays flat over the measured rounds (it must not grow per image).
+                info["worker_rss_mb"] = {
+                    "largest_before": memory_before["largest_mb"], "largest_after": memory_after["largest_mb"],
+                    "total_before": memory_before["total_mb"], "total_after": memory_after["total_mb"],
+                    "images": int(memory_after["images"] - memory_before["images"]),
+                }  # fmt: skip
             if costs.stages():
                 info["stage_ms"] = costs.stages()
             if latency is not None:
@@ -762,6 +771,13 @@ def _table(name: str, result: dict[str, Any]) -> str:
         cells = [f"{ratio} {value:.2f}" for ratio, value in result["cpu_bound_ratios"].items()]
         lines.append(
             f"  cpu-bound ratios       {', '.join(cells)}  (CPU per image alone: where each side has the same cores)"
+        )
+    if "worker_rss_mb" in result:
+        rss = result["worker_rss_mb"]
+        lines.append(
+            f"  worker rss MB          largest process {rss['largest_before']:.0f} -> {rss['largest_after']:.0f},"
+            f" all {rss['total_before']:.0f} -> {rss['total_after']:.0f} over {rss['images']:,} images"
+            " (the batched workers, measured rounds)"
         )
     for variant, stages in result.get("stage_ms", {}).items():
         cells = [f"{stage} {stages[stage]:.2f}" for stage in ("decode", "infer", "write") if stage in stages]

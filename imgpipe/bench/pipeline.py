@@ -102,6 +102,36 @@ def group_cpu_seconds(pgid: int) -> float | None:
     return total
 
 
+def group_rss_bytes(pgid: int) -> list[int] | None:
+    """Resident memory of each live process in process group ``pgid`` (the worker command's supervisor and its
+    worker processes), from /proc (Linux); None where there is no /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "statm").exists():
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    sizes = []
+    for entry in proc.iterdir():
+        fields = stat_fields(entry.name) if entry.name.isdigit() else None  # None: gone meanwhile
+        if fields is None or int(fields[2]) != pgid:
+            continue
+        try:
+            sizes.append(int((entry / "statm").read_text().split()[1]) * page)
+        except (OSError, IndexError, ValueError):
+            continue
+    return sizes
+
+
+def images_classified(port: int | None) -> float:
+    """Images a worker has classified so far (``imgpipe_images_total``, every outcome), from one scrape."""
+    return sum(
+        sample.value
+        for family in _families(port)
+        if family.name == "imgpipe_images"
+        for sample in family.samples
+        if sample.name == "imgpipe_images_total"
+    )
+
+
 def _finished(status: JobStatus) -> JobStatus | None:
     return status if status.finished else None
 
@@ -172,6 +202,19 @@ class Workers:
             "workers": None if None in workers else sum(w for w in workers if w is not None),
             "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
         }
+
+    def memory(self) -> dict[str, float] | None:
+        """Resident memory now, in MB: of the largest process of the worker commands and of all of them
+        together, with the images they have classified so far; None without /proc."""
+        sizes: list[int] = []
+        for proc in self.procs:
+            each = group_rss_bytes(proc.pid)
+            if each is None:
+                return None
+            sizes += each
+        images = sum(images_classified(port) for port in self.ports)
+        return {"largest_mb": round(max(sizes, default=0) / 2**20, 1), "total_mb": round(sum(sizes) / 2**20, 1),
+                "images": images}  # fmt: skip
 
     def histograms(self, names: Sequence[str]) -> dict[str, HistogramCounts]:
         """Histograms ``names`` summed over the workers, as their /metrics serve them now (one scrape each)."""
