@@ -120,8 +120,8 @@ def test_every_variant_on_the_digits_with_a_scratch_redis_and_every_json_field(
     # The batched workers' memory around the measured rounds (pipeline, stream, watch and the fixed latency
     # set's paced runs: 4 x 2 rounds x 40 images), from /proc and their images counter.
     rss = digits["worker_rss_mb"]
-    assert list(rss) == ["largest_before", "largest_after", "total_before", "total_after", "images"]
-    assert rss["images"] == 4 * 2 * 40
+    assert list(rss) == ["largest_before", "largest_after", "total_before", "total_after", "images", "largest_by_round"]
+    assert rss["images"] == 4 * 2 * 40 and len(rss["largest_by_round"]) == 2 and min(rss["largest_by_round"]) > 0
     assert 0 < rss["largest_before"] <= rss["total_before"] and 0 < rss["largest_after"] <= rss["total_after"]
     assert "worker rss MB          largest process" in result.stdout
     # Where the workers' time went, from their stage histograms: every stage observed in every queue variant.

@@ -310,6 +310,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
     rounds = Rounds()
     costs = _Costs(workload.count)
     info: dict[str, Any] = {}
+    memory_before: dict[str, float] | None = None  # the batched workers' memory before the measured rounds
+    largest_by_round: list[float] = []  # and their largest process's after each round
     with ExitStack() as stack:
         if "inprocess" in variants:
             runners["inprocess"] = costs.local("inprocess", _inprocess(workload, tmp, o))
@@ -389,6 +391,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 rate = run()
                 rounds.add(variant, rate)
                 _progress(name, round_, o.rounds, variant, rate)
+            if memory_before is not None and (now := sets["batched"].memory(count_images=False)) is not None:
+                largest_by_round.append(now["largest_mb"])
         if queue_variants:
             mean_batch = {}
             for key, workers_set in sets.items():
@@ -407,6 +411,7 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                     "largest_before": memory_before["largest_mb"], "largest_after": memory_after["largest_mb"],
                     "total_before": memory_before["total_mb"], "total_after": memory_after["total_mb"],
                     "images": int(memory_after["images"] - memory_before["images"]),
+                    "largest_by_round": largest_by_round,
                 }  # fmt: skip
             if costs.stages():
                 info["stage_ms"] = costs.stages()
@@ -414,8 +419,8 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 info["latency"] = latency.summary(rounds)
     if any(v in costs.per_image for v in QUEUE_VARIANTS):  # with the queue's, the in-process cost to compare
         info["cpu_us_per_image"] = costs.summary()
-        if costs.cpu_bound_ratios():
-            info["cpu_bound_ratios"] = costs.cpu_bound_ratios()
+        if cpu_bound := costs.cpu_bound_ratios():
+            info["cpu_bound_ratios"] = cpu_bound
     rates: dict[str, float] = {}
     measured = [v for v in runners if not v.startswith("latency_")]  # the paced runs: in info["latency"]
     for variant in measured:
@@ -774,10 +779,11 @@ def _table(name: str, result: dict[str, Any]) -> str:
         )
     if "worker_rss_mb" in result:
         rss = result["worker_rss_mb"]
+        by_round = rss["largest_by_round"]
         lines.append(
-            f"  worker rss MB          largest process {rss['largest_before']:.0f} -> {rss['largest_after']:.0f},"
-            f" all {rss['total_before']:.0f} -> {rss['total_after']:.0f} over {rss['images']:,} images"
-            " (the batched workers, measured rounds)"
+            f"  worker rss MB          largest process {rss['largest_before']:.0f} -> {rss['largest_after']:.0f}"
+            f" (after round 1: {by_round[0]:.0f}), all {rss['total_before']:.0f} -> {rss['total_after']:.0f}"
+            f" over {rss['images']:,} images (the batched workers, measured rounds)"
         )
     for variant, stages in result.get("stage_ms", {}).items():
         cells = [f"{stage} {stages[stage]:.2f}" for stage in ("decode", "infer", "write") if stage in stages]
