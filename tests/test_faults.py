@@ -347,7 +347,13 @@ def test_a_poison_message_that_kills_its_worker_each_time_is_the_only_one_dead_l
 ) -> None:
     data = tmp_path / "data"
     inputs = [str(p) for p in _small(data / "good", 400)]
-    poison = _small(data / "poison", 1, prefix="poison")[0]
+    # The "poison": a large image (6000 x 6000, about 120 ms to read and decode here), so that the kill below,
+    # sent when the file is opened, always lands while it is in work. A small one let a fast worker finish its
+    # group and write the record before the kill arrived (seen once in CI: the job ended with no dead letter).
+    (data / "poison").mkdir(parents=True)
+    poison = data / "poison" / "poison00000.png"
+    side = 6000
+    Image.fromarray((np.add.outer(np.arange(side), np.arange(side)) % 251).astype(np.uint8)).save(poison)
     all_inputs = [*inputs[:200], str(poison), *inputs[200:]]
     watch = OpenWatch([poison.parent])
     env = cli_env(
