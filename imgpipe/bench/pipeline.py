@@ -87,36 +87,41 @@ def batch_size_totals(port: int | None) -> tuple[float, float]:
     return counts.sum, counts.count
 
 
-def group_cpu_seconds(pgid: int) -> float | None:
-    """CPU seconds (user + system) of the live processes in process group ``pgid``, from /proc (Linux); None
-    where there is no /proc. A worker command runs in its own group (imgpipe.procs.WorkerProcess)."""
+def _group_members(pgid: int) -> list[tuple[Path, list[str]]] | None:
+    """(/proc/PID, the fields of its stat) of each live process in process group ``pgid``, from /proc (Linux);
+    None where there is no /proc. A worker command runs in its own group (imgpipe.procs.WorkerProcess)."""
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
         return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    members = []
     for entry in proc.iterdir():
         fields = stat_fields(entry.name) if entry.name.isdigit() else None  # None: gone meanwhile
         if fields is not None and int(fields[2]) == pgid:  # state, ppid, pgrp, ..., utime (11), stime (12)
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+            members.append((entry, fields))
+    return members
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """CPU seconds (user + system) of the live processes in process group ``pgid``; None without /proc."""
+    members = _group_members(pgid)
+    if members is None:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(((int(fields[11]) + int(fields[12])) / ticks for _, fields in members), 0.0)
 
 
 def group_rss_bytes(pgid: int) -> list[int] | None:
     """Resident memory of each live process in process group ``pgid`` (the worker command's supervisor and its
-    worker processes), from /proc (Linux); None where there is no /proc."""
-    proc = Path("/proc")
-    if not (proc / "self" / "statm").exists():
+    worker processes); None without /proc."""
+    members = _group_members(pgid)
+    if members is None:
         return None
     page = os.sysconf("SC_PAGE_SIZE")
     sizes = []
-    for entry in proc.iterdir():
-        fields = stat_fields(entry.name) if entry.name.isdigit() else None  # None: gone meanwhile
-        if fields is None or int(fields[2]) != pgid:
-            continue
+    for entry, _ in members:
         try:
             sizes.append(int((entry / "statm").read_text().split()[1]) * page)
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
     return sizes
 
