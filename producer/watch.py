@@ -18,7 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from imgpipe import defaults
@@ -28,6 +39,12 @@ log = logging.getLogger(__name__)
 
 # Seconds between checks of the files seen but not yet sent, when no event wakes the watcher sooner.
 POLL_S = 0.1
+# The events the watcher acts on (``on_any_event``). With inotify the filter is also the kernel's mask: the opens,
+# reads and closes of the workers reading the files it sent raise no events in this process.
+EVENTS = (
+    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+)  # fmt: skip
 
 
 @dataclass
@@ -169,7 +186,7 @@ class Watcher(FileSystemEventHandler):
         """Start watching now: events from this point on are seen (``run`` starts it if not started)."""
         if self._observer is None:
             self._observer = _observer()
-            self._observer.schedule(self, self.root, recursive=True)
+            self._observer.schedule(self, self.root, recursive=True, event_filter=list(EVENTS))
             self._observer.start()
 
     def run(self, stop: threading.Event) -> None:
@@ -202,5 +219,6 @@ def _observer() -> Any:
     return InotifyObserver(generate_full_events=True) if Observer is InotifyObserver else Observer()
 
 
-def _text(path: str | bytes) -> str:
-    return os.fsdecode(path)
+def _text(path: str | bytes | None) -> str:
+    """A path of an event as text; "" for the missing side of a move into or out of the tree."""
+    return os.fsdecode(path) if path else ""

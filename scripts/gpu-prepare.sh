@@ -15,7 +15,7 @@ PY_VERSION=${PY_VERSION:-3.12}  # the GPU machine's Python; another for a dry ru
 PYTHON=${PYTHON:-.venv/bin/python}
 # What imgpipe needs beyond what the GPU machine has (pyproject dependencies minus torch, torchvision, pillow,
 # numpy, click, tqdm, prometheus-client; matplotlib and scikit-learn only serve train/evaluate/demo-data).
-NEEDED=("celery[redis]>=5.3,<6" "redis>=5" "watchdog>=4" "simplejpeg>=1.7" "hiredis>=2")
+NEEDED=("celery[redis]>=5.3,<6" "redis>=5" "watchdog>=5" "simplejpeg>=1.7" "hiredis>=2")
 # Already on the GPU machine: their wheels, pulled in as dependencies, are dropped from the bundle.
 PRESENT='^(nvidia_.*|torch|torchvision|pillow|numpy|click|tqdm|prometheus_client|triton|sympy|networkx|jinja2|markupsafe|filelock|fsspec|typing_extensions|mpmath|setuptools)-[0-9]'
 

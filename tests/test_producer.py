@@ -289,6 +289,32 @@ def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) ->
     assert sizes[str(root / "moved.png")] == 30
 
 
+def test_watcher_is_not_woken_by_reads_of_the_files_it_watches(tmp_path: Path) -> None:
+    """The workers open, read and close every file the watcher sent; those must raise no events in it (with
+    inotify, its event filter is the kernel's mask). They did: 4 events per image read, and a watched stream of
+    small files ran at about three quarters of its rate (digits: 3,800 against 5,100 img/s)."""
+    root = tmp_path / "incoming"
+    image = _touch(root / "sent.png", b"x" * 10)  # there before the watch: no event of its own
+    watcher = Watcher(str(root), on_batch=lambda paths: None)
+    kinds: list[tuple[str, str]] = []
+    handle = watcher.on_any_event
+    watcher.on_any_event = lambda event: (kinds.append((event.event_type, event.src_path)), handle(event))[-1]
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the observer is watching
+        for _ in range(50):
+            image.read_bytes()  # as a worker reads it
+        last = _touch(root / "last.png", b"y" * 10)  # after the reads: its events come after theirs
+        wait_until(lambda: ("closed", str(last)) in kinds or None, 10, "the new file's close seen")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not [k for k in kinds if k[1] == str(image)], kinds
+    assert {kind for kind, _ in kinds} <= {"created", "modified", "closed"}, kinds
+
+
 def test_watcher_sends_files_renamed_in_at_once_and_forgets_a_folder_moved_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
