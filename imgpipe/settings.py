@@ -159,7 +159,7 @@ VARS: tuple[Var, ...] = (
         "producer",
         "watch_settle_ms",
         "int",
-        "`watch`: ms a new file's size must stay unchanged before it is sent",
+        "`watch`: ms a new file's size must stay unchanged before it is sent, unless closed after write or renamed in",
         0,
     ),
     Var(
