@@ -87,6 +87,9 @@ OMP_WAIT_POLICY = "PASSIVE"
 MAX_LATENCY_MS = 0
 # `imgpipe watch`: ms to wait after a file event for more files, so that a burst goes out in chunked messages.
 WATCH_COALESCE_MS = 5
+# `imgpipe watch`: seconds between rescans of the folder for files that landed with no event seen (the kernel's
+# event queue overflowed, or a file system that sends none); a reported overflow starts one at once.
+WATCH_RESCAN_S = 60
 # Most paths one message may carry; a bigger message is refused before any Redis write.
 MAX_MESSAGE_PATHS = 4096
 # Most characters of paths one message may carry (all its paths together).

@@ -59,6 +59,7 @@ class BatchSettings:
 class ProducerSettings:
     chunk_size: int = defaults.CHUNK_SIZE
     watch_settle_ms: int = defaults.WATCH_SETTLE_MS  # `imgpipe watch`: quiet time before a file is sent
+    watch_rescan_s: int = defaults.WATCH_RESCAN_S  # `imgpipe watch`: seconds between rescans for lost events
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,14 @@ VARS: tuple[Var, ...] = (
         "watch_settle_ms",
         "int",
         "`watch`: ms a new file's size must stay unchanged before it is sent, unless closed after write or renamed in",
+        0,
+    ),
+    Var(
+        "WATCH_RESCAN_S",
+        "producer",
+        "watch_rescan_s",
+        "int",
+        "`watch`: s between rescans for new files no event named (lost events); 0: only when the kernel reports a loss",
         0,
     ),
     Var(

@@ -54,7 +54,7 @@ def _say(message: str) -> None:
     click.echo(f"imgpipe: {message}", err=True)
 
 
-@honours(*PRODUCER_SECTIONS, exclude=("WATCH_SETTLE_MS",))
+@honours(*PRODUCER_SECTIONS, exclude=("WATCH_SETTLE_MS", "WATCH_RESCAN_S"))
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--job", "job_id", help="Job id to create (letters, digits, . _ -).  [default: time-based]")
@@ -147,11 +147,22 @@ def _report_skipped(skipped: Sequence[str]) -> None:
     "WATCH_SETTLE_MS",
     "--settle-ms",
     type=click.IntRange(min=0),
-    help="Quiet time (ms) before a file without a close event counts as written",
+    help="Quiet time (ms) before a file with neither a close-after-write nor a rename-in event counts as written",
+)
+@setting_option(
+    "WATCH_RESCAN_S",
+    "--rescan-s",
+    type=click.IntRange(min=0),
+    help="Seconds between rescans of DIRECTORY for new files that no event named (0: only after a reported loss)",
 )
 @redis_url_option
 def watch(
-    directory: Path, job_id: str | None, existing: bool, watch_settle_ms: int | None, redis_url: str | None
+    directory: Path,
+    job_id: str | None,
+    existing: bool,
+    watch_settle_ms: int | None,
+    watch_rescan_s: int | None,
+    redis_url: str | None,
 ) -> None:
     """Streaming: enqueue each new image file under DIRECTORY once it is completely written, until stopped.
 
@@ -163,7 +174,7 @@ def watch(
     from imgpipe.producer.enqueue import Enqueuer, producer_app
     from imgpipe.producer.watch import Watcher
 
-    settings = _settings(redis_url=redis_url, watch_settle_ms=watch_settle_ms)
+    settings = _settings(redis_url=redis_url, watch_settle_ms=watch_settle_ms, watch_rescan_s=watch_rescan_s)
     if not directory.is_dir():
         raise ConfigError(f"not a directory: {directory}")
     root = str(directory.absolute())
@@ -171,7 +182,7 @@ def watch(
     client = redis_client(settings.redis)
     ttl = settings.redis.result_ttl_days * 86400
     job_id = create_job(client, job_id, kind="stream", roots=[root], ttl_seconds=ttl)
-    watcher = Watcher(root, settle_s=settle)
+    watcher = Watcher(root, settle_s=settle, rescan_s=settings.producer.watch_rescan_s)
     watcher.start()  # watching before the job id is printed: a file that lands right after it is not missed
     click.echo(job_id)
     sys.stdout.flush()

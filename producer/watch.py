@@ -5,11 +5,18 @@ after writing, or moved in whole, or, where no such event comes (network file sy
 when its size and modification time have stayed the same for a settle time. Files that become ready together
 (within a few ms, defaults.WATCH_COALESCE_MS) are handed over as one list, so a burst of files is sent as a
 few chunked messages rather than one message per file.
+
+Events can be lost: the kernel keeps at most fs.inotify.max_queued_events (16,384 by default) unread, and a
+burst past that is dropped (30,000 files moved in at once: 10,767 never sent). So the folder is also rescanned,
+at once when watchdog reports an overflow and every defaults.WATCH_RESCAN_S seconds: a file that changed since
+the watch began (its ctime) and that was neither sent nor seen is taken as if an event had named it, and waits
+for its size to settle.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import threading
@@ -39,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # Seconds between checks of the files seen but not yet sent, when no event wakes the watcher sooner.
 POLL_S = 0.1
+# A file whose ctime is at most this much older than the watch's start still counts as new for a rescan: file
+# systems stamp times from a coarse clock (a tick, up to 10 ms, behind the clock the watch reads).
+CTIME_SLACK_NS = 20_000_000
 # The events the watcher acts on (``on_any_event``). With inotify the filter is also the kernel's mask: the opens,
 # reads and closes of the workers reading the files it sent raise no events in this process.
 EVENTS = (
@@ -66,6 +76,7 @@ class Watcher(FileSystemEventHandler):
         *,
         on_batch: Callable[[list[str]], object] | None = None,
         coalesce_s: float = defaults.WATCH_COALESCE_MS / 1000,
+        rescan_s: float = defaults.WATCH_RESCAN_S,
     ) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
@@ -73,7 +84,13 @@ class Watcher(FileSystemEventHandler):
         self.on_batch = on_batch  # when set, the files ready in one check go out as one list
         self.settle_s = settle_s
         self.coalesce_s = coalesce_s
+        self.rescan_s = rescan_s
+        self.recovered = 0  # files found by a rescan, with no event seen for them
         self._wake = threading.Event()  # set by each event: a check soon, after the coalescing wait
+        self._rescan = threading.Event()  # set when events were lost: a rescan at the next check
+        self._since_ns = 0  # time.time_ns() when the watch began: a file changed since then is new
+        self._next_rescan = 0.0  # time.monotonic() of the next periodic rescan
+        self._overflow_hook: _OverflowHook | None = None
         self._observer: Any = None
         self.extensions = extensions
         self.sent: set[str] = set()
@@ -182,9 +199,42 @@ class Watcher(FileSystemEventHandler):
                 self.on_ready(path)
         return fresh
 
+    def rescan(self) -> int:
+        """Take the files under the root that changed since the watch began and were neither sent nor seen as if
+        an event had named them (not closed: each waits for its size to settle); returns how many. What events
+        were lost (a kernel queue overflow) comes back this way."""
+        self._rescan.clear()
+        found = 0
+        for path in scan(self.root, self.extensions):
+            with self._lock:
+                if path in self.sent or path in self._pending:
+                    continue
+            try:
+                changed = os.lstat(path).st_ctime_ns
+            except OSError:  # gone meanwhile
+                continue
+            if changed >= self._since_ns:
+                self._note(path, closed=False)
+                found += 1
+        if found:
+            self.recovered += found
+            log.warning(
+                "found %d new files under %s that no event named (events lost?); sending them", found, self.root
+            )
+        return found
+
+    def _plan_rescan(self) -> None:
+        """The next periodic rescan, ``rescan_s`` from now (none when 0: only after a reported loss)."""
+        self._next_rescan = time.monotonic() + self.rescan_s if self.rescan_s > 0 else math.inf
+
     def start(self) -> None:
         """Start watching now: events from this point on are seen (``run`` starts it if not started)."""
         if self._observer is None:
+            # Before the observer starts: a file that lands meanwhile is named by an event or found by a rescan.
+            self._since_ns = time.time_ns() - CTIME_SLACK_NS
+            self._plan_rescan()
+            self._overflow_hook = _OverflowHook(self)
+            logging.getLogger("watchdog").addHandler(self._overflow_hook)
             self._observer = _observer()
             self._observer.schedule(self, self.root, recursive=True, event_filter=list(EVENTS))
             self._observer.start()
@@ -199,11 +249,32 @@ class Watcher(FileSystemEventHandler):
                     if stop.wait(self.coalesce_s):
                         break
                     self._wake.clear()
+                if self._rescan.is_set() or time.monotonic() >= self._next_rescan:
+                    self._plan_rescan()
+                    self.rescan()
                 self.check()
         finally:
             self._observer.stop()
             self._observer.join(timeout=10)
             self._observer = None
+            if self._overflow_hook is not None:
+                logging.getLogger("watchdog").removeHandler(self._overflow_hook)
+                self._overflow_hook = None
+
+
+class _OverflowHook(logging.Handler):
+    """Asks ``watcher`` for a rescan when watchdog reports that the kernel dropped events (it logs a warning and
+    rebuilds its watches; the files named by the lost events are never reported). The periodic rescan covers a
+    watchdog that says it otherwise."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__(logging.WARNING)
+        self.watcher = watcher
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self.watcher._rescan.set()
+            self.watcher._wake.set()
 
 
 def _observer() -> Any:

@@ -401,7 +401,7 @@ def test_main_help_says_what_a_worker_needs() -> None:
 SECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classify": (("model", "batch", "security"), ("IMGPIPE_MAX_WAIT_MS",)),
     "evaluate": (("model", "batch", "security"), ("IMGPIPE_MAX_WAIT_MS", "IMGPIPE_MODEL")),
-    "enqueue": (("redis", "producer"), ("IMGPIPE_WATCH_SETTLE_MS",)),
+    "enqueue": (("redis", "producer"), ("IMGPIPE_WATCH_SETTLE_MS", "IMGPIPE_WATCH_RESCAN_S")),
     "status": (("redis",), ("IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
     "results": (("redis",), ("IMGPIPE_QUEUE", "IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),
     "cancel": (("redis",), ("IMGPIPE_QUEUE", "IMGPIPE_VISIBILITY_TIMEOUT", "IMGPIPE_RESULT_TTL_DAYS")),

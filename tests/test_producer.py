@@ -316,6 +316,64 @@ def test_watcher_is_not_woken_by_reads_of_the_files_it_watches(tmp_path: Path) -
     assert {kind for kind, _ in kinds} <= {"created", "modified", "closed"}, kinds
 
 
+def test_watcher_sends_every_file_of_a_burst_past_the_kernels_event_queue_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """inotify keeps at most fs.inotify.max_queued_events (16,384 by default) events unread and drops the rest:
+    40,000 files moved in at once by another process lost thousands of events, and those files were never
+    sent. watchdog reports the loss; the watcher then rescans the folder and sends the files no event named."""
+    count = 40_000
+    root, outside = tmp_path / "incoming", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for i in range(count):
+        (outside / f"{i:06d}.png").write_bytes(b"p")
+    seen: list[str] = []
+    watcher = Watcher(str(root), on_batch=seen.extend, settle_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the observer is watching
+        mover = f"import os\nfor i in range({count}): os.rename('{outside}/%06d.png' % i, '{root}/%06d.png' % i)"
+        subprocess.run([sys.executable, "-c", mover], check=True, timeout=120)  # as fast as a `mv` of each
+        wait_until(lambda: len(seen) >= count or None, 60, "every file sent")
+        time.sleep(0.5)  # nothing more comes
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert len(seen) == len(set(seen)) == count
+    assert set(seen) == {str(root / f"{i:06d}.png") for i in range(count)}
+    overflowed = any("overflow" in r.getMessage().lower() for r in caplog.records if r.name.startswith("watchdog"))
+    assert (watcher.recovered > 0) == overflowed, (watcher.recovered, overflowed)
+
+
+def test_watcher_rescans_for_files_no_event_named_and_leaves_those_there_before_it(tmp_path: Path) -> None:
+    """A rescan (every IMGPIPE_WATCH_RESCAN_S) takes files that changed since the watch began and that no event
+    named (here: no watch left on the folder), never one that was there before it began."""
+    root = tmp_path / "incoming"
+    before = _touch(root / "before.png", b"b" * 10)
+    time.sleep(0.1)  # older than the watch by more than its allowance for coarse file times
+    seen: list[str] = []
+    watcher = Watcher(str(root), on_batch=seen.extend, settle_s=0.1, rescan_s=1)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)  # the observer is watching
+        _touch(root / "heard.png", b"h" * 10)
+        wait_until(lambda: str(root / "heard.png") in seen or None, 10, "the file an event named")
+        watcher._observer.unschedule_all()  # events stop: as when the kernel drops them
+        unheard = _touch(root / "unheard.png", b"u" * 10)
+        wait_until(lambda: str(unheard) in seen or None, 10, "the file found by the periodic rescan")
+        time.sleep(1.5)  # another rescan: nothing sent twice, the older file still left alone
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert seen == [str(root / "heard.png"), str(unheard)], seen
+    assert str(before) not in seen and watcher.recovered == 1
+
+
 def test_watcher_sends_files_renamed_in_at_once_and_forgets_a_folder_moved_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
