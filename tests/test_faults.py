@@ -273,7 +273,9 @@ def test_kill9_mid_job_then_a_new_worker_finishes_within_a_minute_with_default_s
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
     data = tmp_path / "data"
-    inputs = {str(p) for p in _small(data, 2000)}
+    # Enough that the job outlasts a stall of this test's polling on a loaded machine (a fast worker runs
+    # several thousand of these a second).
+    inputs = {str(p) for p in _small(data, 5000)}
     env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data))
     with Workers(tmp_path, env) as workers:
         first = workers.start()

@@ -87,7 +87,9 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
     data = tmp_path / "data"
-    images = {str(p) for p in write_good(data / "a", 300) + write_good(data / "b" / "c", 300, start=300)}
+    # Enough images that the job outlasts a stall of this test's polling on a loaded machine: with 600 a fast
+    # worker once finished them all in the gap between two polls, and none was left held to kill it over.
+    images = {str(p) for p in write_good(data / "a", 900) + write_good(data / "b" / "c", 900, start=900)}
     env = {"IMGPIPE_VISIBILITY_TIMEOUT": "3", "IMGPIPE_PREFETCH": "6", "IMGPIPE_MAX_BATCH": "8"}
     with workers_for(tmp_path, redis_url, data, **env) as workers:
         doomed = workers.start()
@@ -102,6 +104,11 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
             os.killpg(doomed.pid, signal.SIGCONT)
             return False
 
+        def finished() -> None:
+            doomed.check_alive()
+            if client.hget(keys.job(job_id), "finished"):
+                raise AssertionError("the worker finished the job before it was caught holding messages")
+
         wait_until(
             lambda: (
                 sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"])) >= 40
@@ -110,7 +117,7 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
             60,
             "40 records written, messages held",
             interval=0.005,
-            check=doomed.check_alive,
+            check=finished,
         )
         doomed.kill9()  # SIGKILL ends a stopped process too
         completed = sum(int(v or 0) for v in client.hmget(keys.job(job_id), ["done", "failed"]))
@@ -120,7 +127,7 @@ def test_kill_9_mid_job_then_a_new_worker_completes_it_counting_each_image_once(
 
         workers.start()
         job = wait_for_job(client, job_id, timeout=120, workers=workers)
-    assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (600, 600, 0)
+    assert (int(job["total"]), int(job["done"]), int(job["failed"])) == (len(images), len(images), 0)
     records = _exactly_once(client, job_id, images)
     assert all(r["status"] == "ok" for r in records.values())
     assert client.hlen("unacked") == 0
