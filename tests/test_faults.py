@@ -292,11 +292,11 @@ def test_sigterm_gives_back_what_was_not_started_and_another_worker_finishes(
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
     data = tmp_path / "data"
-    inputs = {str(p) for p in _small(data, 1500)}
+    inputs = {str(p) for p in _small(data, 4000)}  # several times what a fast worker runs in a polling stall
     env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_MAX_BATCH="16")
     with Workers(tmp_path, env) as workers:
         first = workers.start()
-        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=8)  # 188 messages: 32 held
+        job_id = _job(client, redis_url, sorted(inputs), [str(data)], chunk_size=8)  # 500 messages: 32 held
         wait_until(lambda: _done(client, job_id) >= 50 or None, 120, "some records written")
         assert first.stop() == 0
         left = len(inputs) - _done(client, job_id)
@@ -312,7 +312,7 @@ def test_a_deleted_queue_is_found_and_sent_again_while_other_jobs_keep_workers_b
     tmp_path: Path, redis_url: str, client: redis.Redis
 ) -> None:
     data = tmp_path / "data"
-    first_inputs = {str(p) for p in _small(data / "a", 1000)}
+    first_inputs = {str(p) for p in _small(data / "a", 3000)}  # outlasts a polling stall: some are still queued
     busy_inputs = [str(p) for p in _small(data / "b", 3000)]
     env = cli_env(IMGPIPE_REDIS_URL=redis_url, IMGPIPE_ALLOWED_ROOTS=str(data), IMGPIPE_PREFETCH="4")
     with Workers(tmp_path, env) as workers:
