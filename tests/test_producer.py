@@ -13,10 +13,12 @@ import threading
 import time
 import types
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from watchdog.events import FileSystemEvent
 
 from imgpipe import keys
 from imgpipe.errors import ConfigError
@@ -248,16 +250,26 @@ def test_unreachable_redis_is_one_line_with_the_password_masked(tmp_path: Path) 
     assert "hunter2" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) -> None:
-    root = tmp_path / "incoming"
-    root.mkdir()
-    seen: list[tuple[str, int]] = []
-    watcher = Watcher(str(root), on_ready=lambda p: seen.append((p, os.path.getsize(p))), settle_s=1.0)
+@contextlib.contextmanager
+def _watching(watcher: Watcher) -> Iterator[Watcher]:
+    """``watcher`` run on a thread of its own, its observer watching when the block starts; stopped after it."""
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
     try:
         time.sleep(0.3)  # the observer is watching
+        yield watcher
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) -> None:
+    root = tmp_path / "incoming"
+    root.mkdir()
+    seen: list[tuple[str, int]] = []
+    watcher = Watcher(str(root), on_ready=lambda p: seen.append((p, os.path.getsize(p))), settle_s=1.0)
+    with _watching(watcher):
         _touch(root / "quick.png", b"a" * 100)  # written and closed at once
         (root / "sub").mkdir()  # a new folder is watched too
         _touch(root / "sub" / "deep.jpg", b"b" * 50)
@@ -278,9 +290,6 @@ def test_watcher_sends_each_file_once_when_completely_written(tmp_path: Path) ->
             wait_until(lambda: len(seen) >= 4, 10, "four files seen")
         (root / "quick.png").write_bytes(b"a" * 200)  # rewritten later: already sent, not sent again
         time.sleep(1.5)
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     sizes = dict(seen)
     assert len(seen) == len(sizes) == 4, seen
     assert sizes[str(root / "quick.png")] == 100
@@ -299,19 +308,17 @@ def test_watcher_is_not_woken_by_reads_of_the_files_it_watches(tmp_path: Path) -
     watcher = Watcher(str(root), on_batch=lambda paths: None)
     kinds: list[tuple[str, str]] = []
     handle = watcher.on_any_event
-    watcher.on_any_event = lambda event: (kinds.append((event.event_type, event.src_path)), handle(event))[-1]
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        time.sleep(0.3)  # the observer is watching
+
+    def counted(event: FileSystemEvent) -> None:
+        kinds.append((event.event_type, os.fsdecode(event.src_path)))
+        handle(event)
+
+    watcher.on_any_event = counted
+    with _watching(watcher):
         for _ in range(50):
             image.read_bytes()  # as a worker reads it
         last = _touch(root / "last.png", b"y" * 10)  # after the reads: its events come after theirs
         wait_until(lambda: ("closed", str(last)) in kinds or None, 10, "the new file's close seen")
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert not [k for k in kinds if k[1] == str(image)], kinds
     assert {kind for kind, _ in kinds} <= {"created", "modified", "closed"}, kinds
 
@@ -330,18 +337,11 @@ def test_watcher_sends_every_file_of_a_burst_past_the_kernels_event_queue_once(
         (outside / f"{i:06d}.png").write_bytes(b"p")
     seen: list[str] = []
     watcher = Watcher(str(root), on_batch=seen.extend, settle_s=0.2)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        time.sleep(0.3)  # the observer is watching
+    with _watching(watcher):
         mover = f"import os\nfor i in range({count}): os.rename('{outside}/%06d.png' % i, '{root}/%06d.png' % i)"
         subprocess.run([sys.executable, "-c", mover], check=True, timeout=120)  # as fast as a `mv` of each
         wait_until(lambda: len(seen) >= count or None, 60, "every file sent")
         time.sleep(0.5)  # nothing more comes
-    finally:
-        stop.set()
-        thread.join(timeout=30)
     assert len(seen) == len(set(seen)) == count
     assert set(seen) == {str(root / f"{i:06d}.png") for i in range(count)}
     overflowed = any("overflow" in r.getMessage().lower() for r in caplog.records if r.name.startswith("watchdog"))
@@ -356,20 +356,13 @@ def test_watcher_rescans_for_files_no_event_named_and_leaves_those_there_before_
     time.sleep(0.1)  # older than the watch by more than its allowance for coarse file times
     seen: list[str] = []
     watcher = Watcher(str(root), on_batch=seen.extend, settle_s=0.1, rescan_s=1)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        time.sleep(0.3)  # the observer is watching
+    with _watching(watcher):
         _touch(root / "heard.png", b"h" * 10)
         wait_until(lambda: str(root / "heard.png") in seen or None, 10, "the file an event named")
         watcher._observer.unschedule_all()  # events stop: as when the kernel drops them
         unheard = _touch(root / "unheard.png", b"u" * 10)
         wait_until(lambda: str(unheard) in seen or None, 10, "the file found by the periodic rescan")
         time.sleep(1.5)  # another rescan: nothing sent twice, the older file still left alone
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert seen == [str(root / "heard.png"), str(unheard)], seen
     assert str(before) not in seen and watcher.recovered == 1
 
@@ -385,11 +378,7 @@ def test_watcher_sends_files_renamed_in_at_once_and_forgets_a_folder_moved_out(
     root.mkdir()
     seen: list[str] = []
     watcher = Watcher(str(root), on_batch=seen.extend, settle_s=30.0)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        time.sleep(0.3)  # the observer is watching
+    with _watching(watcher):
         staged = [_touch(outside / f"cam{i}.png", b"p" * 100) for i in range(3)]
         landed = time.monotonic()
         for path in staged:
@@ -407,9 +396,6 @@ def test_watcher_sends_files_renamed_in_at_once_and_forgets_a_folder_moved_out(
             (root / "batch").rename(outside / "batch")  # moved out before it settled: never sent
             time.sleep(1.0)  # watchdog holds a move out of the tree for 0.5 s, looking for its other half
         time.sleep(0.5)  # its close, reported under its old path, is checked and dropped
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert len(seen) == 3, seen
     assert not watcher._pending, watcher._pending
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
