@@ -310,8 +310,9 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
     rounds = Rounds()
     costs = _Costs(workload.count)
     info: dict[str, Any] = {}
-    memory_before: dict[str, float] | None = None  # the batched workers' memory before the measured rounds
-    largest_by_round: list[float] = []  # and their largest process's after each round
+    rss_before: tuple[float, float] | None = None  # the batched workers' (largest, all) MB before the rounds
+    images_before = 0  # and the images they had classified then
+    largest_by_round: list[float] = []  # their largest process's MB after each round
     with ExitStack() as stack:
         if "inprocess" in variants:
             runners["inprocess"] = costs.local("inprocess", _inprocess(workload, tmp, o))
@@ -385,14 +386,15 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                     workload.images, workload.images.parent / f"watched-{next(watched)}"
                 )
             batch_before = {k: s.mean_batch() for k, s in sets.items()}
-            memory_before = sets["batched"].memory() if "batched" in sets else None
+            if "batched" in sets:
+                rss_before, images_before = sets["batched"].rss_mb(), sets["batched"].images_classified()
         for round_ in range(1, o.rounds + 1):
             for variant, run in runners.items():
                 rate = run()
                 rounds.add(variant, rate)
                 _progress(name, round_, o.rounds, variant, rate)
-            if memory_before is not None and (now := sets["batched"].memory(count_images=False)) is not None:
-                largest_by_round.append(now["largest_mb"])
+            if rss_before is not None and (now := sets["batched"].rss_mb()) is not None:
+                largest_by_round.append(now[0])
         if queue_variants:
             mean_batch = {}
             for key, workers_set in sets.items():
@@ -404,13 +406,13 @@ def _run_workload(name: str, tmp: Path, o: _Options, variants: list[str], redis_
                 if count > before[1]:
                     mean_batch[key] = round((total - before[0]) / (count - before[1]), 1)
             info["mean_batch"] = mean_batch
-            memory_after = sets["batched"].memory() if "batched" in sets else None
-            if memory_before is not None and memory_after is not None:
+            rss_after = sets["batched"].rss_mb() if rss_before is not None else None
+            if rss_before is not None and rss_after is not None:
                 # Whether the workers' memory stays flat over the measured rounds (it must not grow per image).
                 info["worker_rss_mb"] = {
-                    "largest_before": memory_before["largest_mb"], "largest_after": memory_after["largest_mb"],
-                    "total_before": memory_before["total_mb"], "total_after": memory_after["total_mb"],
-                    "images": int(memory_after["images"] - memory_before["images"]),
+                    "largest_before": rss_before[0], "largest_after": rss_after[0],
+                    "total_before": rss_before[1], "total_after": rss_after[1],
+                    "images": sets["batched"].images_classified() - images_before,
                     "largest_by_round": largest_by_round,
                 }  # fmt: skip
             if costs.stages():

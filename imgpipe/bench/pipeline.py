@@ -208,19 +208,20 @@ class Workers:
             "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
         }
 
-    def memory(self, count_images: bool = True) -> dict[str, float] | None:
-        """Resident memory now, in MB: of the largest process of the worker commands and of all of them
-        together, with the images they have classified so far (0 unless ``count_images``: a scrape of each
-        worker's /metrics); None without /proc."""
+    def rss_mb(self) -> tuple[float, float] | None:
+        """Resident memory now, in MB: (the largest process of the worker commands, all of them together); None
+        without /proc."""
         sizes: list[int] = []
         for proc in self.procs:
             each = group_rss_bytes(proc.pid)
             if each is None:
                 return None
             sizes += each
-        images = sum(images_classified(port) for port in self.ports) if count_images else 0.0
-        return {"largest_mb": round(max(sizes, default=0) / 2**20, 1), "total_mb": round(sum(sizes) / 2**20, 1),
-                "images": images}  # fmt: skip
+        return round(max(sizes, default=0) / 2**20, 1), round(sum(sizes) / 2**20, 1)
+
+    def images_classified(self) -> int:
+        """Images the workers have classified so far, every outcome (one scrape of each /metrics)."""
+        return int(sum(images_classified(port) for port in self.ports))
 
     def histograms(self, names: Sequence[str]) -> dict[str, HistogramCounts]:
         """Histograms ``names`` summed over the workers, as their /metrics serve them now (one scrape each)."""
